@@ -1,0 +1,3 @@
+from fakecifar.cli.app import main
+
+main()
