@@ -54,6 +54,8 @@ COLUMN_DTYPES: dict[str, np.dtype] = {
 # make shards fast; bigger chunks than h5py's 1 MiB cache would be re-read per slice.
 CHUNK_BYTES = 1 << 20
 MAX_CHUNK_IMAGES = 256
+# Rows per read when streaming a dataset: whole chunks, about 8 MiB of pixels.
+READ_BYTES = 8 << 20
 
 
 def chunk_images(height: int, width: int) -> int:
@@ -491,7 +493,7 @@ class ShardSet:
                 missing = [str(s.path) for s in self.shards if name not in s.columns][:1]
                 raise UsageError(f"{missing[0] if missing else 'dataset'}: has no {name!r} column")
         for base, shard in zip(self.offsets, self.shards):
-            step = rows or shard.chunk * max(1, 1024 // shard.chunk)
+            step = rows or shard.chunk * max(1, READ_BYTES // (shard.chunk * _image_bytes(shard)))
             for start in range(0, len(shard), step):
                 stop = min(start + step, len(shard))
                 yield int(base + start), {name: shard.read(name, start, stop) for name in names}
@@ -520,6 +522,10 @@ class ShardSet:
     def close(self) -> None:
         for s in self.shards:
             s.close()
+
+
+def _image_bytes(shard: Shard) -> int:
+    return shard.image_size[0] * shard.image_size[1] * 3
 
 
 def _short(classes: list[str]) -> str:

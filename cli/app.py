@@ -1,0 +1,119 @@
+"""The `fakecifar` command: registers one thin module per command and maps every error to an
+exit code in one place (`main`). Only typer is imported here: `fakecifar --help` stays instant."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+from typer._click import exceptions as click_exceptions
+from typer._click.core import Abort, Exit
+
+from fakecifar import __version__
+
+from . import import_, resize, split, stats
+from .common import Settings
+
+app = typer.Typer(
+    name="fakecifar",
+    help="Composable tools for synthetic-image and model-extraction research on small images.\n\n"
+         "Commands read and write HDF5 shards; producers print the paths they write, one a line, "
+         "so commands chain in pipes: fakecifar import SRC -o raw | fakecifar resize --size 16 -o small "
+         "| fakecifar stats",
+    no_args_is_help=True,
+    add_completion=True,
+    # Off: a crash would otherwise print local variables (API keys included).
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+COMMANDS = {
+    "import": import_,
+    "resize": resize,
+    "stats": stats,
+    "split": split,
+}
+for _name, _module in COMMANDS.items():
+    app.command(name=_name, help=_module.__doc__, no_args_is_help=False)(_module.run)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fakecifar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and warnings on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also FAKECIFAR_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    Settings.quiet = quiet
+    Settings.debug = Settings.debug or debug
+
+
+def _command_name(argv: list[str]) -> str:
+    for arg in argv:
+        if arg in COMMANDS:
+            return f"fakecifar {arg}"
+    return "fakecifar"
+
+
+def _error(prog: str, message: str) -> None:
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every exit code is decided here: 0 ok, 1 runtime failure, 2 bad usage/input."""
+    from fakecifar.errors import FakecifarError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        Settings.debug = True
+    prog = _command_name(argv)
+    command = typer.main.get_command(app)
+    code = 0
+    try:
+        command.main(args=argv, prog_name="fakecifar", standalone_mode=False)
+    except Exit as exc:
+        code = exc.exit_code
+    except click_exceptions.NoArgsIsHelpError as exc:
+        exc.ctx and typer.echo(exc.ctx.get_help(), err=False)
+        code = 0
+    except click_exceptions.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else prog
+        _error(where, f"{exc.format_message()} (see `{where} --help`)")
+        code = 2
+    except click_exceptions.ClickException as exc:
+        _error(prog, exc.format_message())
+        code = exc.exit_code
+    except FakecifarError as exc:
+        if Settings.debug:
+            traceback.print_exc()
+        _error(prog, str(exc))
+        code = exc.exit_code
+    except (KeyboardInterrupt, Abort):
+        _error(prog, "interrupted")
+        code = 130
+    except BrokenPipeError:
+        # The reader downstream went away (`| head`): stop quietly, as Unix tools do.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        code = 1
+    except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are turned into a line
+        if Settings.debug:
+            traceback.print_exc()
+            code = 1
+        else:
+            _error(prog, f"internal error: {type(exc).__name__}: {exc} "
+                         "(rerun with --debug for the traceback and report it)")
+            code = 1
+    sys.exit(code)

@@ -1,0 +1,103 @@
+"""What every command shares: input paths (arguments or stdin), output on stdout, messages and
+progress on stderr, JSON lines. Nothing here imports numpy, h5py or torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import typer
+
+
+class Settings:
+    """Global flags set by the root callback (-q, --debug)."""
+
+    quiet = False
+    debug = os.environ.get("FAKECIFAR_DEBUG", "") not in ("", "0")
+
+
+def input_paths(args: list[str] | None) -> list[str]:
+    """The command's inputs: its arguments, or one path per line on stdin when there are none
+    (or just '-') and stdin is not a terminal."""
+    args = list(args or [])
+    if args and args != ["-"]:
+        return args
+    if args == ["-"] or not sys.stdin.isatty():
+        return [line.strip() for line in sys.stdin if line.strip()]
+    return []
+
+
+def require_inputs(args: list[str] | None, what: str = "shards") -> list[str]:
+    from fakecifar.errors import UsageError
+
+    paths = input_paths(args)
+    if not paths:
+        raise UsageError(f"no input {what}", f"give {what} as arguments or pipe their paths on stdin")
+    return paths
+
+
+def emit(line: str) -> None:
+    """One line of data on stdout, flushed at once so a pipe downstream can start on it."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
+def emit_json(obj) -> None:
+    emit(json.dumps(obj, default=_json_default))
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__fspath__"):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def log(message: str) -> None:
+    """A message for the human: stderr, silenced by -q."""
+    if not Settings.quiet:
+        typer.echo(message, err=True)
+
+
+def warn(message: str) -> None:
+    """A warning is shown even with -q: it is about the data, not about progress."""
+    typer.echo(f"warning: {message}", err=True)
+
+
+@contextmanager
+def progress(total: int | None, description: str) -> Iterator:
+    """A rich progress bar on stderr when stderr is a terminal and not -q; else a no-op.
+    rich honours NO_COLOR itself."""
+    if Settings.quiet or not sys.stderr.isatty():
+        yield _NoProgress()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield _RichProgress(bar, task)
+
+
+class _NoProgress:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+class _RichProgress:
+    def __init__(self, bar, task):
+        self.bar, self.task = bar, task
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(self.task, n)
+
+
+def joined(items: Iterable[str], limit: int = 5) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -1,0 +1,588 @@
+"""The model zoo: CIFAR-style classifiers by name.
+
+    from fakecifar.models import build_model, list_models
+    model = build_model("resnet20", num_classes=10)
+
+Every model takes `num_classes` and ends in global average pooling, so it runs on any input
+of 32 px or more. Every model also has `forward_features(x)` -> pooled features [N, F] (what
+the classifier head sees), which feature-based distillation needs.
+
+RepVGG models train with 3x3 + 1x1 + identity branches; `reparameterize(model)` fuses them
+into one 3x3 conv per block (same outputs in eval mode) and sets `model.deploy = True`; build
+with `deploy=True` to get the fused layout directly, e.g. to load a fused checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UsageError
+
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "build_model",
+    "count_params",
+    "list_models",
+    "normalize_name",
+    "reparameterize",
+    "resolve_name",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    )
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut of He et al.: subsample by `stride`, pad channels with zeros.
+
+    No parameters. The padding goes half before, half after the input channels, the layout
+    the pretrained ResNet-CIFAR weights were trained with.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.pad_before = (planes - in_planes) // 2
+        self.pad_after = planes - in_planes - self.pad_before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BN; shortcut "A" (zero padding, no params) or "B" (1x1 conv + BN)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if shortcut == "A":
+                self.shortcut = ZeroPadShortcut(in_planes, planes, stride)
+            else:
+                self.shortcut = _conv_bn(in_planes, planes, 1, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for CIFAR (He et al. 2016, sec. 4.2): 16/32/64 channels, option-A shortcuts.
+
+    Module names match the widely used pretrained files (conv1, bn1, layer1..3, linear).
+    """
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise UsageError(f"ResNet-CIFAR depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        planes = 16
+        layers = []
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(planes, width, stride if i == 0 else 1, shortcut="A"))
+                planes = width
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.num_features = 64
+        self.linear = nn.Linear(64, num_classes)
+        _init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
+class ResNet18Cifar(nn.Module):
+    """ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool) and 1x1-conv shortcuts."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        planes = 64
+        layers = []
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(BasicBlock(planes, width, stride), BasicBlock(width, width)))
+            planes = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.num_features = 512
+        self.linear = nn.Linear(512, num_classes)
+        _init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------- Wide ResNet
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block of Zagoruyko & Komodakis (2016), optional dropout between convs."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.relu(self.bn1(x))
+        out = self.conv1(act)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        # A projecting shortcut sees the pre-activated input, as in the reference WRN.
+        return out + (self.shortcut(act) if self.shortcut is not None else x)
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k: depth d = 6n+4, widths 16k/32k/64k."""
+
+    def __init__(self, depth: int, widen: int, num_classes: int = 10, dropout: float = 0.0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise UsageError(f"WRN depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = (16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        planes = 16
+        groups = []
+        for width, stride in zip(widths, (1, 2, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(WideBlock(planes, width, stride if i == 0 else 1, dropout))
+                planes = width
+            groups.append(nn.Sequential(*blocks))
+        self.block1, self.block2, self.block3 = groups
+        self.bn = nn.BatchNorm2d(planes)
+        self.num_features = planes
+        self.linear = nn.Linear(planes, num_classes)
+        _init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = F.relu(self.bn(out))
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------- VGG
+
+_VGG_CFG: dict[int, list[int | str]] = {
+    # VGG-8 as in the distillation literature (CRD and after): five single-conv stages.
+    8: [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG with BatchNorm and a single linear classifier (the usual CIFAR variant)."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in _VGG_CFG[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                assert isinstance(v, int)
+                layers += [nn.Conv2d(cin, v, 3, 1, 1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.num_features = cin
+        self.linear = nn.Linear(cin, num_classes)
+        _init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------- RepVGG
+
+
+def _fuse_conv_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (kernel, bias) of conv-without-bias followed by `bn` in eval mode, in float64."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    kernel = weight.double() * scale.reshape(-1, 1, 1, 1)
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    return kernel, bias
+
+
+class RepVGGBlock(nn.Module):
+    """3x3 conv-BN + 1x1 conv-BN (+ identity BN when shapes allow), then ReLU (Ding et al. 2021).
+
+    `fuse_()` folds the branches into a single biased 3x3 conv (`self.reparam`).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, deploy: bool = False):
+        super().__init__()
+        self.cin, self.cout, self.stride = cin, cout, stride
+        self.reparam: nn.Conv2d | None = None
+        self.dense: nn.Sequential | None = None
+        self.pointwise: nn.Sequential | None = None
+        self.identity: nn.BatchNorm2d | None = None
+        if deploy:
+            self.reparam = nn.Conv2d(cin, cout, 3, stride, 1, bias=True)
+        else:
+            self.dense = _conv_bn(cin, cout, 3, stride)
+            self.pointwise = _conv_bn(cin, cout, 1, stride)
+            if cin == cout and stride == 1:
+                self.identity = nn.BatchNorm2d(cin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reparam is not None:
+            return F.relu(self.reparam(x))
+        assert self.dense is not None and self.pointwise is not None
+        out = self.dense(x) + self.pointwise(x)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        return F.relu(out)
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        if self.reparam is not None:
+            return
+        assert self.dense is not None and self.pointwise is not None
+        kernel, bias = _fuse_conv_bn(self.dense[0].weight, self.dense[1])
+        k1, b1 = _fuse_conv_bn(self.pointwise[0].weight, self.pointwise[1])
+        kernel = kernel + F.pad(k1, (1, 1, 1, 1))  # a 1x1 kernel is a 3x3 one with zero ring
+        bias = bias + b1
+        if self.identity is not None:
+            eye = torch.zeros(self.cout, self.cin, 3, 3, dtype=torch.float64, device=kernel.device)
+            eye[torch.arange(self.cin), torch.arange(self.cin), 1, 1] = 1.0
+            ki, bi = _fuse_conv_bn(eye, self.identity)
+            kernel, bias = kernel + ki, bias + bi
+        ref = self.dense[0].weight
+        conv = nn.Conv2d(self.cin, self.cout, 3, self.stride, 1, bias=True).to(ref.device, ref.dtype)
+        conv.weight.copy_(kernel.to(ref.dtype))
+        assert conv.bias is not None
+        conv.bias.copy_(bias.to(ref.dtype))
+        self.reparam = conv
+        self.dense = self.pointwise = self.identity = None
+
+
+class RepVGG(nn.Module):
+    """RepVGG-A for CIFAR: stride-1 stem and first stage, so 32 px ends at 4x4 before pooling."""
+
+    def __init__(
+        self,
+        num_blocks: Sequence[int],
+        width_multiplier: Sequence[float],
+        num_classes: int = 10,
+        deploy: bool = False,
+    ):
+        super().__init__()
+        a, b = width_multiplier
+        widths = (int(64 * a), int(128 * a), int(256 * a), int(512 * b))
+        self.deploy = deploy
+        self.stage0 = RepVGGBlock(3, min(64, int(64 * a)), 1, deploy)
+        cin = self.stage0.cout
+        stages = []
+        for width, n, stride in zip(widths, num_blocks, (1, 2, 2, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(RepVGGBlock(cin, width, stride if i == 0 else 1, deploy))
+                cin = width
+            stages.append(nn.Sequential(*blocks))
+        self.stage1, self.stage2, self.stage3, self.stage4 = stages
+        self.num_features = cin
+        self.linear = nn.Linear(cin, num_classes)
+        _init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stage0(x)
+        out = self.stage4(self.stage3(self.stage2(self.stage1(out))))
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------- MobileNetV2
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [_conv_bn(cin, hidden, 1), nn.ReLU6(inplace=True)]
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(inplace=True)]
+        layers += [_conv_bn(hidden, cout, 1)]
+        self.conv = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018) with the CIFAR stem: stride-1 first conv and stage 2."""
+
+    # (expansion t, channels c, repeats n, stride s); stage 2 stride 2 -> 1 for 32 px inputs.
+    CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        cin = _make_divisible(32 * width_mult)
+        last = _make_divisible(1280 * max(1.0, width_mult))
+        layers: list[nn.Module] = [_conv_bn(3, cin, 3, 1), nn.ReLU6(inplace=True)]
+        for t, c, n, s in self.CFG:
+            cout = _make_divisible(c * width_mult)
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        layers += [_conv_bn(cin, last, 1), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.num_features = last
+        self.linear = nn.Linear(last, num_classes)
+        _init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(self.forward_features(x)))
+
+
+# ----------------------------------------------------------------------------- LeNet-5
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) on RGB with ReLU and max-pooling; 5x5 adaptive pool for >32 px."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.num_features = 84
+        self.linear = nn.Linear(84, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        out = F.max_pool2d(F.relu(self.conv2(out)), 2)
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 5), 1)  # identity at 32 px
+        return F.relu(self.fc2(F.relu(self.fc1(out))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered architecture. `builder(num_classes=..., **kwargs)` returns a fresh model."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    input_size: int = 32
+    reparameterizable: bool = False
+
+    def build(self, num_classes: int = 10, **kwargs: object) -> nn.Module:
+        return build_model(self.name, num_classes, **kwargs)
+
+    def param_count(self, num_classes: int = 10, **kwargs: object) -> int:
+        """Parameters of the model as built (train-time branches included), without allocating."""
+        with torch.device("meta"):  # shapes only: instant even for 25M-parameter models
+            return count_params(self.builder(num_classes=num_classes, **kwargs))
+
+
+def _resnet_cifar(depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 10) -> nn.Module:
+        return ResNetCifar(depth, num_classes)
+
+    return build
+
+
+def _vgg(depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 10) -> nn.Module:
+        return VGG(depth, num_classes)
+
+    return build
+
+
+def _wrn(depth: int, widen: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+        return WideResNet(depth, widen, num_classes, dropout)
+
+    return build
+
+
+def _repvgg(blocks: tuple[int, ...], widths: tuple[float, float]) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 10, deploy: bool = False) -> nn.Module:
+        return RepVGG(blocks, widths, num_classes, deploy)
+
+    return build
+
+
+MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec("lenet5", LeNet5, "LeNet-5: 2 conv + 3 fc, ReLU and max-pool (62K params)"),
+        ModelSpec("resnet20", _resnet_cifar(20), "ResNet-20 for CIFAR, option-A shortcuts (0.27M)"),
+        ModelSpec("resnet32", _resnet_cifar(32), "ResNet-32 for CIFAR, option-A shortcuts (0.46M)"),
+        ModelSpec("resnet44", _resnet_cifar(44), "ResNet-44 for CIFAR, option-A shortcuts (0.66M)"),
+        ModelSpec("resnet56", _resnet_cifar(56), "ResNet-56 for CIFAR, option-A shortcuts (0.85M)"),
+        ModelSpec("resnet110", _resnet_cifar(110), "ResNet-110 for CIFAR, option-A shortcuts (1.7M)"),
+        ModelSpec("resnet18", ResNet18Cifar, "ResNet-18 with CIFAR stem (3x3 conv, no max-pool) (11.2M)"),
+        ModelSpec("wrn-16-1", _wrn(16, 1), "Wide ResNet 16-1, pre-activation; dropout=0.0 (0.18M)"),
+        ModelSpec("wrn-16-2", _wrn(16, 2), "Wide ResNet 16-2, pre-activation; dropout=0.0 (0.69M)"),
+        ModelSpec("wrn-40-2", _wrn(40, 2), "Wide ResNet 40-2, pre-activation; dropout=0.0 (2.2M)"),
+        ModelSpec("vgg8", _vgg(8), "VGG-8 with BN, KD-literature student: 5 conv + linear (3.9M)"),
+        ModelSpec("vgg11", _vgg(11), "VGG-11 with BN, single linear classifier (9.2M)"),
+        ModelSpec("vgg16", _vgg(16), "VGG-16 with BN, single linear classifier (14.7M)"),
+        ModelSpec(
+            "repvgg-a0",
+            _repvgg((2, 4, 14, 1), (0.75, 2.5)),
+            "RepVGG-A0, CIFAR stem; reparameterizable; deploy=False (7.8M train-time)",
+            reparameterizable=True,
+        ),
+        ModelSpec(
+            "repvgg-a2",
+            _repvgg((2, 4, 14, 1), (1.5, 2.75)),
+            "RepVGG-A2, CIFAR stem; reparameterizable; deploy=False (26.8M train-time)",
+            reparameterizable=True,
+        ),
+        ModelSpec(
+            "mobilenetv2",
+            MobileNetV2,
+            "MobileNetV2 with CIFAR stem (stride-1 conv); width_mult=1.0, dropout=0.0 (2.2M)",
+        ),
+    )
+}
+
+
+def normalize_name(name: str) -> str:
+    """Case, '-' and '_' do not matter: 'ResNet-20', 'wrn_16_2', 'RepVGG-A0' all resolve."""
+    return name.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+_BY_KEY = {normalize_name(n): n for n in MODELS}
+
+
+def list_models() -> list[str]:
+    """Registered model names, in registry order (small to large within each family)."""
+    return list(MODELS)
+
+
+def resolve_name(name: str) -> str:
+    """The registered name for `name`, or UsageError naming the closest matches."""
+    found = _BY_KEY.get(normalize_name(name))
+    if found is not None:
+        return found
+    close = difflib.get_close_matches(normalize_name(name), list(_BY_KEY), n=3, cutoff=0.5)
+    if close:
+        hint = "did you mean " + " or ".join(_BY_KEY[c] for c in close) + "?"
+    else:
+        hint = "available: " + ", ".join(MODELS)
+    raise UsageError(f"unknown model {name!r}", hint)
+
+
+def build_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
+    """A freshly initialised model `name` with `num_classes` outputs (train mode)."""
+    spec = MODELS[resolve_name(name)]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}")
+    params = inspect.signature(spec.builder).parameters
+    unknown = [k for k in kwargs if k not in params or k == "num_classes"]
+    if unknown:
+        accepted = [p for p in params if p != "num_classes"]
+        raise UsageError(
+            f"model {spec.name} takes no option {', '.join(map(repr, unknown))}",
+            "accepted: " + (", ".join(accepted) if accepted else "none"),
+        )
+    return spec.builder(num_classes=num_classes, **kwargs)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (buffers such as BN running stats are not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """Fuse re-parameterizable branches in place (RepVGG); a no-op for other models.
+
+    Outputs are unchanged in eval mode (BN running statistics are folded in). Returns `model`.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock)]
+    for block in blocks:
+        block.fuse_()
+    if blocks:
+        for m in model.modules():
+            if hasattr(m, "deploy"):
+                m.deploy = True  # type: ignore[assignment]
+    return model

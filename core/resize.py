@@ -1,0 +1,63 @@
+"""Resize shards: every image antialiased to a new size; every other column and attribute kept."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import UsageError
+from .images import resize_images
+from .shards import Shard, pixel_sha256, ShardWriter, expand_inputs, prepare_output_dir, producer, remove_stale_shards
+
+# Attributes the writer sets itself; everything else on an input shard is carried over.
+_MANAGED = {"format", "version", "classes", "created", "producer", "provenance"}
+
+
+def resize_shards(inputs: Sequence[str | Path], out_dir: str | Path, size: tuple[int, int], *,
+                  overwrite: bool = False, on_shard: Callable[[Path], None] | None = None,
+                  on_progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Write OUT/<name>.h5 for each input shard, images resized to `size` (height, width).
+
+    Inputs need not share a size or classes: each shard is resized on its own.
+    """
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise UsageError("no input shards", "give shard files or directories, or pipe their paths on stdin")
+    names = {}
+    for p in paths:
+        if p.name in names:
+            raise UsageError(f"{p} and {names[p.name]} would both be written as {Path(out_dir) / p.name}",
+                             "resize them into separate -o directories")
+        names[p.name] = p
+    shards = [Shard(p) for p in paths]  # validate every input before writing anything
+    out = prepare_output_dir(out_dir, overwrite=overwrite)
+    for shard in shards:
+        if (out / shard.path.name).resolve() == shard.path.resolve():
+            raise UsageError(f"{shard.path}: output would overwrite its own input", "choose another -o")
+    written = []
+    for shard in shards:
+        chain = json.loads(shard.attrs.get("provenance", "[]"))
+        chain = (chain if isinstance(chain, list) else [chain]) + [
+            {"step": "resize", "from": f"{shard.image_size[0]}x{shard.image_size[1]}",
+             "to": f"{size[0]}x{size[1]}", "input": str(shard.path)}]
+        extra = {k: v for k, v in shard.attrs.items() if k not in _MANAGED}
+        with ShardWriter(out / shard.path.name, classes=shard.classes, image_size=size, producer=producer("resize"),
+                         provenance=chain, attrs=extra, overwrite=overwrite) as writer:
+            step = shard.chunk * max(1, 2048 // shard.chunk)
+            for start in range(0, len(shard), step):
+                stop = min(start + step, len(shard))
+                columns = {name: shard.read(name, start, stop) for name in shard.columns}
+                images = resize_images(columns.pop("images"), size)
+                if "sha256" in columns:  # the duplicate key is a hash of the pixels: recompute it
+                    columns["sha256"] = pixel_sha256(images)
+                writer.add_batch(images, columns.pop("labels", None), **columns)
+                if on_progress:
+                    on_progress(stop - start)
+        shard.close()
+        written.append(writer.path)
+        if on_shard:
+            on_shard(writer.path)
+    if overwrite:
+        remove_stale_shards(out, written)
+    return written
