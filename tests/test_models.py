@@ -1,0 +1,140 @@
+"""The model zoo: every model builds and runs; counts, names and RepVGG fusion are right."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from fakecifar.errors import UsageError
+from fakecifar.models import MODELS, ModelSpec, build_model, count_params, list_models, reparameterize
+
+REQUIRED = [
+    "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg8", "vgg11", "vgg16",
+    "repvgg-a0", "repvgg-a2", "mobilenetv2", "resnet18", "wrn-16-1", "wrn-16-2", "wrn-40-2", "lenet5",
+]
+
+
+def calibrate_bn(model: nn.Module, size: int = 32, seed: int = 0) -> nn.Module:
+    """Give BN layers real running statistics, so eval-mode outputs have a sane scale."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(8, 3, size, size, generator=gen))
+    return model.eval()
+
+
+def test_registry_has_the_zoo() -> None:
+    assert set(REQUIRED) <= set(list_models())
+    for name, spec in MODELS.items():
+        assert isinstance(spec, ModelSpec) and spec.name == name
+        assert spec.description and "\n" not in spec.description
+        assert spec.input_size >= 32
+
+
+@pytest.mark.parametrize("num_classes", [10, 2])
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_model_forwards(name: str, num_classes: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))
+        feats = model.forward_features(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, num_classes)
+    assert torch.isfinite(out).all()
+    assert feats.shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg8", "wrn-16-1", "mobilenetv2", "lenet5", "repvgg-a0", "resnet18"])
+def test_larger_and_non_square_inputs(name: str) -> None:
+    model = build_model(name, 3).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 48, 40)).shape == (1, 3)
+
+
+def test_param_counts_match_the_papers() -> None:
+    assert count_params(build_model("resnet20", 10)) == 269_722  # 0.27M, no shortcut params
+    assert count_params(build_model("resnet56", 10)) == 853_018  # 0.85M
+    assert MODELS["resnet20"].param_count() == 269_722
+    assert MODELS["resnet20"].param_count(num_classes=100) == 269_722 + 90 * 65
+
+
+def test_descriptions_state_the_right_size() -> None:
+    for name, spec in MODELS.items():
+        found = re.search(r"\(([\d.]+)([KM])", spec.description)
+        assert found, f"{name}: description gives no size"
+        stated = float(found.group(1)) * (1e3 if found.group(2) == "K" else 1e6)
+        actual = spec.param_count()
+        assert abs(stated - actual) / actual < 0.05, (name, stated, actual)
+
+
+def test_count_params_trainable_only() -> None:
+    model = build_model("lenet5", 10)
+    total = count_params(model)
+    model.conv1.weight.requires_grad_(False)
+    assert count_params(model, trainable_only=True) == total - model.conv1.weight.numel()
+
+
+@pytest.mark.parametrize("alias", ["ResNet-20", "resnet_20", "RESNET20"])
+def test_names_are_forgiving(alias: str) -> None:
+    assert count_params(build_model(alias, 10)) == 269_722
+
+
+def test_unknown_model_names_the_closest() -> None:
+    with pytest.raises(UsageError) as info:
+        build_model("resnt20", 10)
+    assert "resnt20" in str(info.value) and "resnet20" in str(info.value)
+    with pytest.raises(UsageError) as info:
+        build_model("transformer", 10)
+    assert "transformer" in str(info.value)
+    assert all(n in str(info.value) for n in ("lenet5", "repvgg-a0"))
+
+
+def test_bad_options_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="num_classes"):
+        build_model("resnet20", 0)
+    with pytest.raises(UsageError, match="width") as info:
+        build_model("resnet20", 10, width=2)
+    assert "none" in str(info.value)
+    with pytest.raises(UsageError, match="deploy"):
+        build_model("wrn-16-1", 10, deploy=True)
+    assert build_model("wrn-16-1", 10, dropout=0.3) is not None
+    assert build_model("mobilenetv2", 10, width_mult=0.5) is not None
+
+
+@pytest.mark.parametrize("name", ["repvgg-a0", "repvgg-a2"])
+def test_repvgg_reparameterization_keeps_outputs(name: str) -> None:
+    torch.manual_seed(0)
+    model = calibrate_bn(build_model(name, 10))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        reparameterize(model)
+        after = model(x)
+    assert model.deploy is True
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert (after - before).abs().max().item() < 1e-4
+    # the fused layout is what deploy=True builds, so a fused checkpoint can be reloaded
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in build_model(name, 10, deploy=True).state_dict().items()
+    }
+    assert count_params(model) < MODELS[name].param_count()
+
+
+def test_reparameterize_is_a_no_op_elsewhere() -> None:
+    model = build_model("resnet20", 10).eval()
+    keys = list(model.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        assert reparameterize(model) is model
+        assert torch.equal(model(x), before)
+    assert list(model.state_dict()) == keys
+    assert not hasattr(model, "deploy")
