@@ -79,7 +79,8 @@ def progress(total: int | None, description: str) -> Iterator:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+                  console=Console(stderr=True), transient=True,
+                  redirect_stdout=False, redirect_stderr=False) as bar:  # stdout carries data
         task = bar.add_task(description, total=total)
         yield _RichProgress(bar, task)
 

@@ -63,8 +63,8 @@ class _Accumulator:
             per_class["(unlabeled)"] = int(self.labels[-1])
         return DatasetStats(
             name=name, images=self.n, image_size=data.image_size, classes=data.classes,
-            mean=[round(float(m) / 255, 6) for m in np.nan_to_num(mean)],
-            std=[round(float(np.sqrt(max(v, 0.0))) / 255, 6) for v in np.nan_to_num(var)],
+            mean=[float(m) / 255 for m in np.nan_to_num(mean)],
+            std=[float(np.sqrt(max(v, 0.0))) / 255 for v in np.nan_to_num(var)],
             duplicates=self.n - len(self.digests), per_class=per_class,
             per_origin={o: int(k) for o, k in zip(ORIGIN_NAMES, self.origins)} if has_origin else {},
             shards=len(data.shards))

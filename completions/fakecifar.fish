@@ -1,0 +1,1 @@
+complete --command fakecifar --no-files --arguments "(env _FAKECIFAR_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) fakecifar)" --condition "env _FAKECIFAR_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) fakecifar"
