@@ -25,12 +25,16 @@ def run(
                                     help="Images of another size: error, resize (antialiased) or skip."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first undecodable image instead of skipping it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards already in the output directory."),
+    sample: bool = typer.Option(False, "--sample", help="Import the 400-image CIFAKE sample shipped with fakecifar "
+                                                        "(20 real + 20 fake per CIFAR-10 class)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary line (with the shard paths) instead of the paths."),
 ) -> None:
     from fakecifar.images import parse_size
     from fakecifar.importing import import_sources, parse_classes
 
-    paths = require_inputs(sources, "sources")
+    from fakecifar.samples import CIFAKE_SAMPLE
+
+    paths = [str(CIFAKE_SAMPLE)] if sample and not sources else require_inputs(sources, "sources")
     with progress(None, "importing") as bar:
         report = import_sources(
             paths, output, classes=parse_classes(classes), origin=origin, shard_size=shard_size, dedup=dedup,

@@ -131,8 +131,7 @@ def test_malicious_pickle_is_refused_and_does_not_run(tmp_path: Path) -> None:
         with pytest.raises(BadCheckpointError) as info:
             load_checkpoint(path, arch="resnet20")
         assert str(path) in str(info.value)
-        assert "posix.system" in str(info.value) or "system" in str(info.value)
-        assert info.value.hint
+        assert "refused" in str(info.value) and info.value.hint
         assert not marker.exists(), "the payload ran"
 
     pickle.loads(legacy.read_bytes())  # control: the payload is live when unpickled unsafely

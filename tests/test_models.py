@@ -17,17 +17,14 @@ REQUIRED = [
 ]
 
 
-def calibrate_bn(model: nn.Module, size: int = 32, seed: int = 0) -> nn.Module:
-    """Give BN layers real running statistics, so eval-mode outputs have a sane scale."""
-    gen = torch.Generator().manual_seed(seed)
+def calibrate_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BN layers running statistics from data, so eval-mode outputs have a sane scale."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batches
+            m.momentum = 1.0  # running stats = this batch's stats
     model.train()
     with torch.no_grad():
-        for _ in range(2):
-            model(torch.rand(8, 3, size, size, generator=gen))
+        model(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
     return model.eval()
 
 
@@ -44,12 +41,13 @@ def test_registry_has_the_zoo() -> None:
 def test_every_model_forwards(name: str, num_classes: int) -> None:
     torch.manual_seed(0)
     model = build_model(name, num_classes).eval()
+    x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        out = model(torch.rand(2, 3, 32, 32))
-        feats = model.forward_features(torch.rand(2, 3, 32, 32))
+        out = model(x)
+        if num_classes == 2:  # once per model is enough
+            assert torch.allclose(model.linear(model.forward_features(x)), out, atol=1e-5)
     assert out.shape == (2, num_classes)
     assert torch.isfinite(out).all()
-    assert feats.shape == (2, model.num_features)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg8", "wrn-16-1", "mobilenetv2", "lenet5", "repvgg-a0", "resnet18"])
@@ -113,7 +111,7 @@ def test_bad_options_are_usage_errors() -> None:
 def test_repvgg_reparameterization_keeps_outputs(name: str) -> None:
     torch.manual_seed(0)
     model = calibrate_bn(build_model(name, 10))
-    x = torch.rand(4, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
         reparameterize(model)

@@ -1,0 +1,43 @@
+# Two commands for a new user on a fresh clone:  make demo   and   make test
+# Each creates .venv itself. torch/torchvision are pinned to the CPU-usable builds that
+# pip finds on this machine's disk; elsewhere pip fetches the same versions.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+FC     := $(BIN)/fakecifar
+TORCH  := torch==2.14.1 torchvision==0.29.1
+OUT    ?= demo-out
+
+.PHONY: install demo test test-slow docs bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job on the embedded sample: import -> resize -> stats (real vs fake) -> split.
+demo: install
+	rm -rf $(OUT)
+	$(FC) import --sample -o $(OUT)/raw --dedup | $(FC) resize --size 16 -o $(OUT)/small | $(FC) stats --by origin
+	$(FC) split $(OUT)/raw --ratio 5:1 --seed 0 -o $(OUT)/split > /dev/null
+	$(FC) stats $(OUT)/split/train $(OUT)/split/val
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+docs: install
+	$(BIN)/python scripts/gen_docs.py
+
+bench: install
+	$(BIN)/python bench/bench_loader.py
+	$(BIN)/python bench/bench_resize.py
+	$(BIN)/python bench/bench_startup.py
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info .pytest_cache
