@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UsageError
 from .images import resize_images
@@ -12,6 +15,30 @@ from .shards import Shard, pixel_sha256, ShardWriter, expand_inputs, prepare_out
 
 # Attributes the writer sets itself; everything else on an input shard is carried over.
 _MANAGED = {"format", "version", "classes", "created", "producer", "provenance"}
+
+
+def _prefetch(shard: Shard, read_bytes: int = 16 << 20):
+    """Yield blocks of whole chunks, reading the next block in a thread while the caller
+    resizes this one (Pillow releases the GIL while resampling, so the two overlap). Two
+    image buffers alternate, so no block pays for fresh memory."""
+    h, w = shard.image_size
+    rows = shard.chunk * max(1, read_bytes // (shard.chunk * h * w * 3))
+    starts = list(range(0, len(shard), rows))
+    buffers = [np.empty((min(rows, len(shard)), h, w, 3), np.uint8) for _ in range(2)]
+
+    def read(start: int, buffer: np.ndarray) -> dict:
+        stop = min(start + rows, len(shard))
+        block = {name: shard.read(name, start, stop) for name in shard.columns if name != "images"}
+        block["images"] = shard.read("images", start, stop, out=buffer)
+        return block
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fakecifar-read") as pool:
+        pending = pool.submit(read, starts[0], buffers[0]) if starts else None
+        for i, following in enumerate(starts[1:] + [None]):
+            block = pending.result()
+            if following is not None:
+                pending = pool.submit(read, following, buffers[(i + 1) % 2])
+            yield block
 
 
 def resize_shards(inputs: Sequence[str | Path], out_dir: str | Path, size: tuple[int, int], *,
@@ -44,16 +71,13 @@ def resize_shards(inputs: Sequence[str | Path], out_dir: str | Path, size: tuple
         extra = {k: v for k, v in shard.attrs.items() if k not in _MANAGED}
         with ShardWriter(out / shard.path.name, classes=shard.classes, image_size=size, producer=producer("resize"),
                          provenance=chain, attrs=extra, overwrite=overwrite) as writer:
-            step = shard.chunk * max(1, 2048 // shard.chunk)
-            for start in range(0, len(shard), step):
-                stop = min(start + step, len(shard))
-                columns = {name: shard.read(name, start, stop) for name in shard.columns}
+            for columns in _prefetch(shard):
                 images = resize_images(columns.pop("images"), size)
                 if "sha256" in columns:  # the duplicate key is a hash of the pixels: recompute it
                     columns["sha256"] = pixel_sha256(images)
                 writer.add_batch(images, columns.pop("labels", None), **columns)
                 if on_progress:
-                    on_progress(stop - start)
+                    on_progress(len(images))
         shard.close()
         written.append(writer.path)
         if on_shard:
