@@ -13,7 +13,7 @@ from typer._click.core import Abort, Exit
 
 from fakecifar import __version__
 
-from . import import_, resize, split, stats
+from . import import_, mine, resize, split, stats
 from .common import Settings
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ COMMANDS = {
     "resize": resize,
     "stats": stats,
     "split": split,
+    "mine": mine,
 }
 for _name, _module in COMMANDS.items():
     app.command(name=_name, help=_module.__doc__, no_args_is_help=False)(_module.run)

@@ -25,9 +25,9 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -105,6 +105,8 @@ def _validated_meta(
     std: Sequence[float],
     input_size: int | Sequence[int],
 ) -> dict[str, Any]:
+    if isinstance(classes, (str, bytes)):
+        raise UsageError(f"classes must be a list of names, got the string {classes!r}")
     classes = [str(c) for c in classes]
     if not classes:
         raise UsageError("a checkpoint needs at least one class name")
@@ -128,15 +130,12 @@ def _validated_meta(
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def _write_atomically(path: Path, data: bytes | None = None, writer: Any = None) -> Path:
-    """Write `data` (or call `writer(fileobj)`) to `path.partial`, fsync, then rename over `path`."""
+def _write_atomically(path: Path, writer: Callable[[IO[bytes]], object]) -> Path:
+    """Run `writer(file)` on `path.partial`, fsync, then rename over `path`: never a half file."""
     partial = path.with_name(path.name + PARTIAL)
     try:
         with open(partial, "wb") as fh:
-            if writer is not None:
-                writer(fh)
-            else:
-                fh.write(data or b"")
+            writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(partial, path)
@@ -436,6 +435,9 @@ def export_onnx(
     from .models import reparameterize
 
     path = Path(path)
+    absent = [k for k in ("arch", "classes", "mean", "std", "input_size") if k not in meta]
+    if absent:
+        raise UsageError(f"export_onnx: meta lacks {', '.join(absent)}", "pass the meta load_checkpoint returns")
     clean = _validated_meta(arch=meta["arch"], arch_kwargs=meta.get("arch_kwargs"), classes=meta["classes"],
                             mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
     net = reparameterize(copy.deepcopy(_unwrap(model)).float().cpu().eval())
@@ -461,7 +463,8 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
-    return _write_atomically(path, proto.SerializeToString())
+    blob = proto.SerializeToString()
+    return _write_atomically(path, lambda fh: fh.write(blob))
 
 
 def _normalizing_wrapper(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
@@ -544,7 +547,8 @@ class OnnxClassifier:
         if "image" not in inputs:
             raise BadCheckpointError(f"{self.path}: ONNX model has no input 'image' (inputs: {inputs})", "re-export it")
         self.classes: list[str] = self.meta["classes"]
-        self.input_size: tuple[int, int] = tuple(self.meta["input_size"])  # type: ignore[assignment]
+        height, width = self.meta["input_size"]
+        self.input_size: tuple[int, int] = (height, width)
         self.arch: str = self.meta["arch"]
 
     def predict_logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

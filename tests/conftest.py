@@ -1,14 +1,15 @@
 """Shared fixtures: tiny real shards and image folders in tmp dirs, and a CLI driver that runs
-import os
-
-# One torch thread per test process: on this 2-core VM two threads oversubscribe and make
-# timings erratic; set before any test module imports torch.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 the real `fakecifar` entry point in-process with stdout and stderr kept apart."""
 
 from __future__ import annotations
 
-import io
+import os
+
+# One torch thread per test process: on this 2-core VM two threads oversubscribe and make
+# timings erratic. Set before any test module imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import io  # noqa: E402
 import json
 import sys
 from dataclasses import dataclass

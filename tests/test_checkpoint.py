@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,15 @@ CLASSES = ["real", "fake", "other"]
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits stall on a busy 2-core host."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def calibrated(name: str, num_classes: int, seed: int = 0, **kwargs: object) -> nn.Module:
     """A random model whose BN running stats come from data, so eval outputs have a sane scale."""
     torch.manual_seed(seed)
@@ -43,7 +53,7 @@ def calibrated(name: str, num_classes: int, seed: int = 0, **kwargs: object) -> 
             m.momentum = None
     model.train()
     with torch.no_grad():
-        model(torch.rand(16, 3, 32, 32))
+        model(torch.rand(4, 3, 32, 32))
     return model.eval()
 
 
