@@ -58,6 +58,17 @@ def root(
     Settings.debug = Settings.debug or debug
 
 
+GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+
+
+def _hoist_global_flags(argv: list[str]) -> list[str]:
+    """Accept -q/--quiet/--debug after the command too (`fakecifar import ... -q`), as users
+    type them: move them before the command, where the root callback reads them."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
+
+
 def _command_name(argv: list[str]) -> str:
     for arg in argv:
         if arg in COMMANDS:
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every exit code is decided here: 0 ok, 1 runtime failure, 2 bad usage/input."""
     from fakecifar.errors import FakecifarError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     if "--debug" in argv:
         Settings.debug = True
     prog = _command_name(argv)

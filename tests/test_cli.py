@@ -111,3 +111,8 @@ def test_man_pages_and_completions_are_up_to_date():
     assert {p.name for p in (REPO / "man").glob("*.1")} == {"fakecifar.1"} | {f"fakecifar-{c}.1" for c in COMMANDS} \
         or len(list((REPO / "man").glob("*.1"))) > len(COMMANDS)
     assert "complete" in (REPO / "completions" / "fakecifar.bash").read_text()
+
+
+def test_global_flags_are_accepted_after_the_command(cli, image_folder, tmp_path):
+    result = cli("import", image_folder, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0 and not result.stderr and len(result.lines) == 1
