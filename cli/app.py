@@ -13,7 +13,7 @@ from typer._click.core import Abort, Exit
 
 from fakecifar import __version__
 
-from . import import_, mine, resize, split, stats
+from . import detect, import_, mine, resize, split, stats
 from .common import Settings
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ COMMANDS = {
     "stats": stats,
     "split": split,
     "mine": mine,
+    "detect": detect,
 }
 for _name, _module in COMMANDS.items():
     app.command(name=_name, help=_module.__doc__, no_args_is_help=False)(_module.run)
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     code = 0
     try:
-        command.main(args=argv, prog_name="fakecifar", standalone_mode=False)
+        # Without standalone mode click returns a command's typer.Exit code instead of raising it.
+        result = command.main(args=argv, prog_name="fakecifar", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
     except Exit as exc:
         code = exc.exit_code
     except click_exceptions.NoArgsIsHelpError as exc:

@@ -439,6 +439,58 @@ class LeNet5(nn.Module):
         return self.linear(self.forward_features(x))
 
 
+# ----------------------------------------------------------------------------- PCA + logistic regression
+
+
+class PCALogReg(nn.Module):
+    """The CIFAKE paper's baseline: PCA to `components` dimensions, then logistic regression.
+
+    The PCA basis comes from data, not gradients: `fit_unsupervised(batches)` computes it
+    (`fakecifar train` calls it before the first epoch); the linear head is then trained as
+    usual (softmax cross-entropy = multinomial logistic regression). Projections are whitened
+    so plain SGD converges. Linear end to end, so it exports to ONNX.
+    """
+
+    needs_fit = True
+
+    def __init__(self, num_classes: int = 2, components: int = 100, input_size: int = 32,
+                 fit_images: int = 20_000):
+        super().__init__()
+        dim = 3 * input_size * input_size
+        self.components, self.input_size, self.fit_images = components, input_size, fit_images
+        self.register_buffer("pca_mean", torch.zeros(dim))
+        self.register_buffer("pca_basis", torch.eye(dim)[:components].clone())  # rows: whitened axes
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.num_features = components
+        self.linear = nn.Linear(components, num_classes)
+
+    @torch.no_grad()
+    def fit_unsupervised(self, batches) -> None:
+        """Fit the PCA basis on up to `fit_images` images from an iterable of [B, 3, H, W] tensors."""
+        rows, total = [], 0
+        for x in batches:
+            rows.append(torch.flatten(x.float().cpu(), 1))
+            total += len(rows[-1])
+            if total >= self.fit_images:
+                break
+        data = torch.cat(rows)[: self.fit_images].double()
+        if len(data) <= self.components:
+            raise UsageError(f"pca-logreg needs more than {self.components} images to fit, got {len(data)}")
+        mean = data.mean(0)
+        # Randomized PCA: the top components of a 3072-dim covariance in seconds on a CPU.
+        _, sing, axes = torch.pca_lowrank(data - mean, q=self.components + 10, center=False, niter=4)
+        scale = sing[: self.components] / (len(data) - 1) ** 0.5
+        self.pca_mean.copy_(mean.float())
+        self.pca_basis.copy_((axes[:, : self.components] / scale.clamp_min(1e-6)).T.float())
+        self.fitted.fill_(True)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.flatten(x, 1) - self.pca_mean) @ self.pca_basis.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -517,6 +569,8 @@ MODELS: dict[str, ModelSpec] = {
             "RepVGG-A2, CIFAR stem; reparameterizable; deploy=False (26.8M train-time)",
             reparameterizable=True,
         ),
+        ModelSpec("pca-logreg", PCALogReg,
+                  "PCA to 100 components + logistic regression, the CIFAKE baseline; fixed input size (1.0K)"),
         ModelSpec(
             "mobilenetv2",
             MobileNetV2,

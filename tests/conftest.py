@@ -50,8 +50,9 @@ def cli(capsys, monkeypatch):
     from fakecifar.cli.app import main
     from fakecifar.cli.common import Settings
 
-    def run(*args, stdin: str = "") -> Result:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    def run(*args, stdin: str | bytes = "") -> Result:
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))  # has .buffer, like the real one
         Settings.quiet, Settings.debug = False, False
         capsys.readouterr()
         with pytest.raises(SystemExit) as exc:
