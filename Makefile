@@ -8,7 +8,7 @@ FC     := $(BIN)/fakecifar
 TORCH  := torch==2.14.1 torchvision==0.29.1
 OUT    ?= demo-out
 
-.PHONY: install demo test test-slow docs bench clean
+.PHONY: install demo test test-slow docs bench clean detector
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,18 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info .pytest_cache
+
+# The built-in detector (core/data/detector.onnx): `fakecifar train --target origin` on CIFAKE
+# train (deduplicated), with a held-out split that shares no image with training. Same seed,
+# data, torch build and thread count give the same bytes (timings are kept out of the ONNX).
+CIFAKE   ?= ../shared/data/cifake-train.tar.gz
+DETECTOR := build/detector
+DETECTOR_TRAIN := --model resnet20 --epochs 10 --schedule onecycle --lr 0.2 --ema 0.995 --seed 0
+detector: install
+	rm -f $(DETECTOR)/train.jsonl
+	$(FC) import $(CIFAKE) --dedup -o $(DETECTOR)/cifake --overwrite > /dev/null
+	$(FC) split $(DETECTOR)/cifake --ratio 5:1 --seed 0 -o $(DETECTOR)/split --overwrite > /dev/null
+	OMP_NUM_THREADS=2 $(FC) train $(DETECTOR)/split/train --val $(DETECTOR)/split/val --target origin \
+	    $(DETECTOR_TRAIN) -o $(DETECTOR)/detector.pt --onnx --overwrite --log $(DETECTOR)/train.jsonl
+	cp $(DETECTOR)/detector.onnx core/data/detector.onnx
+	$(BIN)/python bench/bench_detect.py --val $(DETECTOR)/split/val --pt $(DETECTOR)/detector.pt

@@ -183,10 +183,13 @@ def save_checkpoint(
     std: Sequence[float],
     input_size: int | Sequence[int],
     train: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `model` as a fakecifar `.pt` checkpoint, atomically. Returns the path written.
 
     `train` (metrics, arguments, ...) is stored as JSON-like data; anything else becomes a string.
+    `extra` adds top-level entries (tensors allowed, e.g. `fakecifar train`'s `resume` state with
+    optimizer buffers); they must be weights_only-loadable and cannot replace a format key.
     A reparameterized model (`model.deploy` true) is recorded with `deploy=True` so it reloads fused.
     """
     import torch
@@ -201,6 +204,10 @@ def save_checkpoint(
         meta["arch_kwargs"]["deploy"] = True
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, **meta, "state_dict": state, "train": _plain(dict(train or {}))}
+    clash = sorted(set(extra or {}) & set(payload))
+    if clash:
+        raise UsageError(f"save_checkpoint: extra entries {clash} would replace format keys")
+    payload.update(extra or {})
     return _write_atomically(path, writer=lambda fh: torch.save(payload, fh))
 
 
@@ -457,7 +464,7 @@ def export_onnx(
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name = "fakecifar"
     proto.doc_string = f"{clean['arch']} classifier; input float32 RGB in [0,1], NCHW"
-    props = {"format": ONNX_FORMAT, "version": VERSION, **clean, "train": _plain(dict(meta.get("train") or {}))}
+    props = {"format": ONNX_FORMAT, "version": VERSION, **clean, "train": _without_timings(_plain(dict(meta.get("train") or {})))}
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -465,6 +472,18 @@ def export_onnx(
     onnx.checker.check_model(proto)
     blob = proto.SerializeToString()
     return _write_atomically(path, lambda fh: fh.write(blob))
+
+
+TIMING_KEYS = frozenset({"images_per_s", "time_s", "elapsed_s"})
+
+
+def _without_timings(obj: Any) -> Any:
+    """Training metadata minus wall-clock figures: the same weights export to the same bytes."""
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
 
 
 def _normalizing_wrapper(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:

@@ -89,7 +89,26 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- writing
 
 
-class ShardWriter:
+class _AtomicOutput:
+    """`with` finishes the output on success and discards it on any exception."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardWriter(_AtomicOutput):
     """Write one shard atomically. Use as a context manager; an exception discards the file.
 
     Columns are fixed by the first `add_batch` call: every later call gives the same names.
@@ -232,17 +251,8 @@ class ShardWriter:
         self.partial.unlink(missing_ok=True)
         self.closed = True
 
-    def __enter__(self) -> ShardWriter:
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class ShardSeriesWriter:
+class ShardSeriesWriter(_AtomicOutput):
     """Write a stream of images as `PREFIX-00000.h5`, `PREFIX-00001.h5`, ... of `shard_size` each.
 
     Each shard is finished (atomically) as soon as it is full and `on_shard(path)` is called,
@@ -309,15 +319,6 @@ class ShardSeriesWriter:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-
-    def __enter__(self) -> ShardSeriesWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool) -> Path:

@@ -9,7 +9,6 @@ import shlex
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +32,6 @@ from fakecifar.models import build_model, reparameterize
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CLASSES = ["real", "fake", "other"]
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits stall on a busy 2-core host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def calibrated(name: str, num_classes: int, seed: int = 0, **kwargs: object) -> nn.Module:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import CLASSES3, random_images, write_image
-from fakecifar.shards import Shard, open_shards
+from fakecifar.shards import open_shards
 
 
 def one_error_line(result, *needles):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ REQUIRED = [
     "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg8", "vgg11", "vgg16",
     "repvgg-a0", "repvgg-a2", "mobilenetv2", "resnet18", "wrn-16-1", "wrn-16-2", "wrn-40-2", "lenet5",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits stall on a busy 2-core host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def calibrate_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from conftest import CLASSES3, REPO, needs_shared_data, random_images, SHARED_DATA
+from conftest import CLASSES3, needs_shared_data, random_images, SHARED_DATA
 from fakecifar.shards import Shard, open_shards, pixel_sha256
 
 
@@ -108,6 +107,7 @@ def test_split_is_stratified_seeded_and_disjoint(cli, make_shard, tmp_path):
     assert np.bincount(val.read("labels"), minlength=3).tolist() in ([10, 5, 2], [9, 5, 2], [10, 5, 2])
     assert not set(train.read("sha256").tolist()) & set(val.read("sha256").tolist())
     again = cli("split", src, "--ratio", "5:1", "--seed", "3", "-o", tmp_path / "t")
+    assert again.exit_code == 0
     assert np.array_equal(open_shards([tmp_path / "t" / "val"]).read("images"), val.read("images"))
     other = cli("split", src, "--val", "0.5", "--seed", "4", "-o", tmp_path / "u")
     assert other.exit_code == 0 and len(open_shards([tmp_path / "u" / "val"])) in range(48, 53)

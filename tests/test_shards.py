@@ -17,7 +17,7 @@ import pytest
 
 from conftest import CLASSES3, random_images
 from fakecifar.errors import BadShardError, IncompatibleShardsError, OutputExistsError, UsageError
-from fakecifar.shards import (FORMAT, Shard, ShardSeriesWriter, ShardSet, ShardWriter, chunk_images,
+from fakecifar.shards import (FORMAT, Shard, ShardSeriesWriter, ShardWriter, chunk_images,
                               expand_inputs, open_shards)
 
 
