@@ -13,7 +13,7 @@ from typer._click.core import Abort, Exit
 
 from fakecifar import __version__
 
-from . import detect, import_, mine, resize, split, stats
+from . import confusion, detect, eval, import_, mine, resize, split, stats, train
 from .common import Settings
 
 app = typer.Typer(
@@ -30,12 +30,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {
+COMMANDS = {  # in the order of a study: get data, prepare it, train, evaluate, detect
+    "mine": mine,
     "import": import_,
     "resize": resize,
     "stats": stats,
     "split": split,
-    "mine": mine,
+    "train": train,
+    "eval": eval,
+    "confusion": confusion,
     "detect": detect,
 }
 for _name, _module in COMMANDS.items():

@@ -453,11 +453,12 @@ class PCALogReg(nn.Module):
 
     needs_fit = True
 
-    def __init__(self, num_classes: int = 2, components: int = 100, input_size: int = 32,
+    def __init__(self, num_classes: int = 2, components: int = 100, input_size: int | Sequence[int] = 32,
                  fit_images: int = 20_000):
         super().__init__()
-        dim = 3 * input_size * input_size
-        self.components, self.input_size, self.fit_images = components, input_size, fit_images
+        h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+        dim = 3 * h * w
+        self.components, self.input_size, self.fit_images = components, (h, w), fit_images
         self.register_buffer("pca_mean", torch.zeros(dim))
         self.register_buffer("pca_basis", torch.eye(dim)[:components].clone())  # rows: whitened axes
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-COMMANDS = ["import", "resize", "stats", "split"]
+from fakecifar.cli.app import COMMANDS  # noqa: E402 - every registered command
 
 
 def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
