@@ -47,7 +47,7 @@ clean:
 # data, torch build and thread count give the same bytes (timings are kept out of the ONNX).
 CIFAKE   ?= ../shared/data/cifake-train.tar.gz
 DETECTOR := build/detector
-DETECTOR_TRAIN := --model resnet20 --epochs 2 --schedule onecycle --lr 0.2 --ema 0.995 --seed 0
+DETECTOR_TRAIN := --model resnet20 --epochs 2 --schedule onecycle --lr 0.2 --ema 0.995 --precision fp32 --seed 0
 detector: install
 	rm -f $(DETECTOR)/train.jsonl
 	$(FC) import $(CIFAKE) --dedup -o $(DETECTOR)/cifake --overwrite > /dev/null

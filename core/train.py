@@ -243,9 +243,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise UsageError("--precision fp16 needs CUDA", "use bf16 or fp32 on CPU")
     if precision == "bf16":
         return torch.bfloat16
-    # auto on CPU is fp32: on the AMX-flagged development VM bf16 autocast measured 2.5-4x
-    # *slower* for resnet20 (80 vs 20-33 images/s); ask for --precision bf16 explicitly.
-    return None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def cpu_has_fast_bf16() -> bool:
