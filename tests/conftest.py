@@ -63,6 +63,16 @@ def cli(capsys, monkeypatch):
     return run
 
 
+def one_error_line(result: Result, *needles: str, command: str, last: bool = False) -> None:
+    """The error is one line `fakecifar COMMAND: error: ...` naming every needle. `last`: it
+    ends stderr (commands like train print progress lines before it); else it is all of it."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and (last or len(lines) == 1), result.stderr
+    assert lines[-1].startswith(f"fakecifar {command}: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
 def random_images(n: int, size: tuple[int, int] = (8, 8), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, *size, 3), dtype=np.uint8)
 

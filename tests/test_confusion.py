@@ -12,14 +12,6 @@ from conftest import CLASSES3
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
     from conftest import random_images

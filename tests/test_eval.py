@@ -3,6 +3,7 @@ class mismatches, PGD robustness, and refusal of unsafe or unknown checkpoints."
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -13,24 +14,11 @@ import tarfile
 import numpy as np
 import pytest
 from conftest import CLASSES3, SHARED_DATA, SHARED_MODELS, needs_shared_data
+from conftest import one_error_line as _one_error_line
+
+one_error_line = functools.partial(_one_error_line, command="eval")
 
 torch = pytest.importorskip("torch")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def one_error_line(result, *needles, command="eval"):
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"fakecifar {command}: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

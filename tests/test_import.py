@@ -10,16 +10,12 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import CLASSES3, random_images, write_image
+from conftest import CLASSES3, one_error_line, random_images, write_image
 from fakecifar.shards import open_shards
 
 
-def one_error_line(result, *needles):
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("fakecifar import: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+def _err(result, *needles):
+    one_error_line(result, *needles, command="import")
 
 
 def test_image_folder_becomes_shards_with_exact_pixels(cli, image_folder, tmp_path):
@@ -89,7 +85,7 @@ def test_pickle_with_code_is_refused_and_not_run(cli, tmp_path, monkeypatch):
     (d / "data_batch_1").write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}))
     result = cli("import", d, "-o", tmp_path / "out", "--classes", "a")
     assert result.exit_code == 2
-    one_error_line(result, "data_batch_1", "refusing to load")
+    _err(result, "data_batch_1", "refusing to load")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -117,7 +113,7 @@ def test_corrupt_images_are_skipped_and_named_or_fatal_with_strict(cli, image_fo
         assert name in result.stderr
     strict = cli("import", image_folder, "-o", tmp_path / "strict", "--strict")
     assert strict.exit_code == 2
-    one_error_line(strict, "broken.jpg")
+    _err(strict, "broken.jpg")
     assert not list((tmp_path / "strict").glob("*.h5*"))
 
 
@@ -125,7 +121,7 @@ def test_size_mismatch_is_refused_or_resized_as_asked(cli, image_folder, tmp_pat
     write_image(image_folder / "cat" / "big.png", random_images(1, (16, 16))[0])
     refused = cli("import", image_folder, "-o", tmp_path / "a")
     assert refused.exit_code == 2
-    one_error_line(refused, "big.png", "16x16", "--on-mismatch resize")
+    _err(refused, "big.png", "16x16", "--on-mismatch resize")
     assert not list((tmp_path / "a").glob("*.h5*"))
     resized = cli("import", image_folder, "-o", tmp_path / "b", "--size", "8x8", "--on-mismatch", "resize")
     assert resized.exit_code == 0 and len(open_shards([tmp_path / "b"])) == 13
@@ -137,7 +133,7 @@ def test_empty_folder_is_a_one_line_usage_error(cli, tmp_path):
     (tmp_path / "empty").mkdir()
     result = cli("import", tmp_path / "empty", "-o", tmp_path / "out")
     assert result.exit_code == 2
-    one_error_line(result, "empty: no images found")
+    _err(result, "empty: no images found")
 
 
 def test_output_that_exists_is_never_clobbered(cli, image_folder, tmp_path):
@@ -146,7 +142,7 @@ def test_output_that_exists_is_never_clobbered(cli, image_folder, tmp_path):
     before = {p.name: p.read_bytes() for p in out.glob("*.h5")}
     again = cli("import", image_folder, "-o", out)
     assert again.exit_code == 2
-    one_error_line(again, str(out), "--overwrite")
+    _err(again, str(out), "--overwrite")
     assert {p.name: p.read_bytes() for p in out.glob("*.h5")} == before
     replaced = cli("import", image_folder, "-o", out, "--overwrite")  # one shard now: stale ones removed
     assert replaced.exit_code == 0
@@ -158,7 +154,7 @@ def test_unwritable_output_is_a_one_line_error(cli, image_folder, tmp_path):
     blocker.write_text("x")
     result = cli("import", image_folder, "-o", blocker / "out")
     assert result.exit_code == 2
-    one_error_line(result, str(blocker / "out"))
+    _err(result, str(blocker / "out"))
     assert blocker.read_text() == "x"
 
 
@@ -169,7 +165,7 @@ def test_read_only_output_directory(cli, image_folder, tmp_path):
     ro.chmod(0o500)
     result = cli("import", image_folder, "-o", ro)
     assert result.exit_code == 2
-    one_error_line(result, "not writable")
+    _err(result, "not writable")
 
 
 def test_sources_from_stdin_and_json_summary(cli, image_folder, tmp_path):
@@ -184,7 +180,7 @@ def test_classes_option_fixes_order_and_refuses_unknown_folders(cli, image_folde
     assert ok.exit_code == 0 and open_shards([tmp_path / "a"]).classes == ["frog", "dog", "cat", "bird"]
     bad = cli("import", image_folder, "-o", tmp_path / "b", "--classes", "dog,cat")
     assert bad.exit_code == 2
-    one_error_line(bad, "frog", "--classes")
+    _err(bad, "frog", "--classes")
 
 
 def test_image_modes_and_exif_are_normalized(tmp_path):

@@ -3,6 +3,7 @@ every refusal (unknown model, existing output, other arch on resume, NaN loss, C
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -13,24 +14,11 @@ import time
 import numpy as np
 import pytest
 from conftest import CLASSES3, random_images
+from conftest import one_error_line as _one_error_line
+
+one_error_line = functools.partial(_one_error_line, command="train", last=True)
 
 torch = pytest.importorskip("torch")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def one_error_line(result, *needles, command="train"):
-    lines = result.stderr.strip().splitlines()
-    assert lines, result.stderr
-    assert lines[-1].startswith(f"fakecifar {command}: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
 
 
 @pytest.fixture
