@@ -43,8 +43,10 @@ clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info .pytest_cache
 
 # The built-in detector (core/data/detector.onnx): `fakecifar train --target origin` on CIFAKE
-# train (deduplicated), with a held-out split that shares no image with training. Same seed,
-# data, torch build and thread count give the same bytes (timings are kept out of the ONNX).
+# train (deduplicated), with a held-out split that shares no image with training. Training is
+# seeded and deterministic on CPU (tests check a resumed run equals an uninterrupted one) and
+# timings are kept out of the ONNX, so the same data, torch build and thread count should give
+# the same bytes; a second full build to compare hashes has not been run yet.
 CIFAKE   ?= ../shared/data/cifake-train.tar.gz
 DETECTOR := build/detector
 DETECTOR_TRAIN := --model resnet20 --epochs 2 --schedule onecycle --lr 0.2 --ema 0.995 --precision fp32 --seed 0
