@@ -18,12 +18,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on the embedded sample: import -> resize -> stats (real vs fake) -> split.
+# The main job on the embedded sample: import -> resize -> stats (real vs fake) -> split -> detect.
 demo: install
 	rm -rf $(OUT)
 	$(FC) import --sample -o $(OUT)/raw --dedup | $(FC) resize --size 16 -o $(OUT)/small | $(FC) stats --by origin
 	$(FC) split $(OUT)/raw --ratio 5:1 --seed 0 -o $(OUT)/split > /dev/null
 	$(FC) stats $(OUT)/split/train $(OUT)/split/val
+	$(FC) detect $(OUT)/split/val | tail -n 3
 
 test: install
 	$(BIN)/python -m pytest -q
