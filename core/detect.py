@@ -113,7 +113,7 @@ def _sniff_image(data: bytes) -> bool:
 
 def iter_items(inputs: Iterable[str], *, stdin: Callable[[], bytes] | None = None,
                on_skip: Callable[[str], None] | None = None) -> Iterator[Item]:
-    """Images from files, folders (recursively, image file names only), shards (.h5) and
+    """Images from files, folders (recursively: image files and shards), shards (.h5) and
     '-' (image bytes on stdin, or one path a line)."""
     for raw in inputs:
         if raw == "-":
@@ -132,6 +132,8 @@ def iter_items(inputs: Iterable[str], *, stdin: Callable[[], bytes] | None = Non
                     full = Path(root) / name
                     if is_image_name(name):
                         yield _read(full)
+                    elif name.endswith(".h5"):
+                        yield from _shard_items(full)
                     elif on_skip:
                         on_skip(f"{full}: skipped (not an image file name)")
         elif path.suffix == ".h5" and path.is_file():

@@ -79,9 +79,11 @@ def test_folder_shard_and_stdin_inputs(cli, tiny_models, images, tmp_path, make_
     folder = cli("detect", "-m", tiny_models / "det.onnx", tmp_path)
     assert folder.exit_code == 0
     assert len(folder.lines) == 3 and "notes.txt: skipped (not an image file name)" in folder.stderr
-    shard = make_shard("s.h5", n=5, size=(32, 32))
+    shard = make_shard("s.h5", n=5, size=(32, 32), directory=tmp_path / "shards")
     from_shard = cli("detect", "-m", tiny_models / "det.onnx", shard)
     assert [r[0] for r in parse(from_shard)] == [f"{shard}:{i}" for i in range(5)]
+    from_dir = cli("detect", "-m", tiny_models / "det.onnx", tmp_path / "shards")  # a folder of shards
+    assert [r[0] for r in parse(from_dir)] == [f"{shard}:{i}" for i in range(5)]
     raw = cli("detect", "-m", tiny_models / "det.onnx", "-", stdin=images[0].read_bytes())
     assert parse(raw)[0][0] == "-"
     paths = cli("detect", "-m", tiny_models / "det.onnx", stdin="\n".join(map(str, images)) + "\n")
