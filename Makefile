@@ -50,7 +50,7 @@ clean:
 # the same bytes; a second full build to compare hashes has not been run yet.
 CIFAKE   ?= ../shared/data/cifake-train.tar.gz
 DETECTOR := build/detector
-DETECTOR_TRAIN := --model resnet20 --epochs 2 --schedule onecycle --lr 0.2 --ema 0.995 --precision fp32 --seed 0
+DETECTOR_TRAIN := --model resnet20 --epochs 4 --schedule onecycle --lr 0.2 --ema 0.995 --precision fp32 --seed 0
 detector: install
 	rm -f $(DETECTOR)/train.jsonl
 	$(FC) import $(CIFAKE) --dedup -o $(DETECTOR)/cifake --overwrite > /dev/null
