@@ -143,7 +143,7 @@ class BatchLoader:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         if self.world_size > 1:
             blocks = blocks[self.rank::self.world_size]
-        keep = None if self.indices is None else set(self.indices.tolist())
+        keep = None if self.indices is None else np.unique(self.indices)
         buffer_rows = max(self.batch_size, self.shuffle_buffer if self.shuffle else self.batch_size)
         pending: dict[str, list] = {n: [] for n in names}
         count = 0
@@ -176,7 +176,7 @@ class BatchLoader:
             rows = {n: shard.read(n, start, stop) for n in names}
             if keep is not None:
                 base = int(self.data.offsets[k])
-                mask = np.fromiter((base + i in keep for i in range(start, stop)), bool, stop - start)
+                mask = np.isin(np.arange(base + start, base + stop), keep, assume_unique=True)
                 rows = {n: v[mask] for n, v in rows.items()}
             for n in names:
                 pending[n].append(rows[n])
