@@ -84,6 +84,7 @@ def run(
         if resume is None:
             raise UsageError("Missing option '--output' / '-o'", "name the checkpoint to write, e.g. -o model.pt")
         output = resume
+    from fakecifar.evaluate import target_classes
     from fakecifar.shards import open_shards
     from fakecifar.train import dist_from_env, make_config, stored_run, train
 
@@ -124,7 +125,7 @@ def run(
         from .common import Settings
 
         Settings.quiet = True  # one process speaks
-    log(f"training {config.model} on {len(data)} images ({len(data.classes)} classes, target {config.target}), "
+    log(f"training {config.model} on {len(data)} images ({len(target_classes(data.classes, config.target))} classes, target {config.target}), "
         f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr} {config.schedule}"
         + (f", recipe {config.recipe}" if config.recipe != "standard" else "")
         + (f", resuming {resume}" if resume else "")
