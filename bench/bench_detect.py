@@ -26,8 +26,8 @@ from fakecifar.shards import open_shards
 FAKECIFAR = str(Path(sys.executable).parent / "fakecifar")
 
 
-def accuracy(model: Path, val: list[str]) -> tuple[float, float, int]:
-    detector = Detector(model)
+def accuracy(model: Path, val: list[str], tta: bool = False) -> tuple[float, float, int]:
+    detector = Detector(model, tta=tta)
     data = open_shards(val)
     correct = total = 0
     start = time.perf_counter()
@@ -57,6 +57,8 @@ def main() -> None:
     acc, rate, n = accuracy(args.model, args.val)
     print(f"model {args.model} ({args.model.stat().st_size / 1024:.0f} KiB)")
     print(f"held-out accuracy {acc:.4%} on {n} images; batch throughput {rate:,.0f} images/s (onnxruntime)")
+    acc, rate, n = accuracy(args.model, args.val, tta=True)
+    print(f"with --tta (image + mirror): {acc:.4%}; {rate:,.0f} images/s")
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "one.png"
         first = open_shards(args.val).shards[0].read("images", 0, 1)[0]

@@ -25,6 +25,8 @@ def run(
     arch: str = typer.Option(None, "--arch", help="Architecture of a foreign .th checkpoint given to --model."),
     threshold: float = typer.Option(0.5, "--threshold", "-t", help="Call an image fake when P(fake) >= this."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
+    tta: bool = typer.Option(False, "--tta", help="Average over each image and its mirror: twice the work, "
+                                                  "usually a little more accurate."),
     json_output: bool = typer.Option(False, "--json", help="JSON lines {path, label, p_fake, model}."),
 ) -> None:
     from fakecifar.detect import Detector, detect, iter_items
@@ -35,7 +37,7 @@ def run(
         if sys.stdin.isatty():
             raise UsageError("no input images", "give image files, folders or shards, or pipe them on stdin")
         sources = ["-"]
-    detector = Detector(model, arch=arch)
+    detector = Detector(model, arch=arch, tta=tta)
     model_name = str(model) if model else "builtin:" + detector.path.name
     failures: list[str] = []
     cautions: list[str] = []

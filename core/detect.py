@@ -54,8 +54,9 @@ def fake_columns(classes: list[str]) -> np.ndarray:
 class Detector:
     """A real/fake model (.onnx on onnxruntime; .pt/.th on torch) that scores uint8 images."""
 
-    def __init__(self, model: str | os.PathLike | None = None, arch: str | None = None):
+    def __init__(self, model: str | os.PathLike | None = None, arch: str | None = None, tta: bool = False):
         self.path = Path(model) if model else DEFAULT_MODEL
+        self.tta = tta
         if not self.path.is_file():
             hint = "reinstall fakecifar" if model is None else "give an .onnx or .pt file"
             raise UsageError(f"{self.path}: no such model file", hint)
@@ -97,9 +98,13 @@ class Detector:
         return None
 
     def p_fake(self, images: np.ndarray) -> np.ndarray:
-        """P(generated) for uint8 images [N, H, W, 3] already at the model's input size."""
+        """P(generated) for uint8 images [N, H, W, 3] already at the model's input size; with
+        `tta`, the mean over each image and its mirror (as `train --tta` validates)."""
         x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        return self._predict(x)[:, self.fake].sum(axis=1)
+        probs = self._predict(x)
+        if self.tta:
+            probs = (probs + self._predict(np.ascontiguousarray(x[..., ::-1]))) / 2
+        return probs[:, self.fake].sum(axis=1)
 
 
 # --------------------------------------------------------------------------- inputs

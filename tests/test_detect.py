@@ -176,3 +176,13 @@ def test_files_are_prepared_exactly_as_import_and_resize_prepare_training_data(c
     Image.open(src / "a.png").convert("RGB").resize((32, 32), Image.Resampling.NEAREST).save(tmp_path / "nn.png")
     (nearest,) = [r["p_fake"] for r in cli("detect", *model, tmp_path / "nn.png").json_lines()]
     assert nearest != direct[0]
+
+
+def test_tta_averages_the_image_and_its_mirror(cli, tiny_models, tmp_path):
+    (array,) = random_images(1, (32, 32), seed=3)
+    plain, mirror = write_image(tmp_path / "a.png", array), write_image(tmp_path / "b.png", array[:, ::-1])
+    model = ["-m", tiny_models / "det.onnx", "--json", plain, mirror]
+    p, p_mirror = [r["p_fake"] for r in cli("detect", *model).json_lines()]
+    assert p != p_mirror  # the model is not mirror-symmetric, so the test can tell
+    tta = [r["p_fake"] for r in cli("detect", "--tta", *model).json_lines()]
+    assert tta[0] == tta[1] and abs(tta[0] - (p + p_mirror) / 2) < 2e-6
