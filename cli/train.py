@@ -125,7 +125,8 @@ def run(
         from .common import Settings
 
         Settings.quiet = True  # one process speaks
-    log(f"training {config.model} on {len(data)} images ({len(target_classes(data.classes, config.target))} classes, target {config.target}), "
+    n_classes = len(target_classes(data.classes, config.target))
+    log(f"training {config.model} on {len(data)} images ({n_classes} classes, target {config.target}), "
         f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr} {config.schedule}"
         + (f", recipe {config.recipe}" if config.recipe != "standard" else "")
         + (f", resuming {resume}" if resume else "")
