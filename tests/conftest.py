@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import io  # noqa: E402
 import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,29 @@ def cli(capsys, monkeypatch):
         return Result(int(exc.value.code or 0), out.out, out.err)
 
     return run
+
+
+HEAVY_MODULES = ("torch", "torchvision", "onnxruntime", "numpy", "h5py")
+
+
+@dataclass
+class FreshRun(Result):
+    imported: list[str]  # which of HEAVY_MODULES the command loaded
+
+
+def cli_in_fresh_process(*args) -> FreshRun:
+    """Run `fakecifar ARGS...` in a new interpreter and report which heavy modules it imported:
+    the light paths (--help, detect/eval on .onnx) must not pay for torch."""
+    code = ("import json, sys\nfrom fakecifar.cli.app import main\n"
+            f"try:\n    main({[str(a) for a in args]!r})\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print(json.dumps([code, [m for m in {HEAVY_MODULES!r} if m in sys.modules]]), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    *messages, report = proc.stderr.splitlines() or [""]
+    try:
+        exit_code, imported = json.loads(report)
+    except ValueError:
+        raise AssertionError(f"the command did not finish:\n{proc.stderr}") from None
+    return FreshRun(int(exit_code or 0), proc.stdout, "\n".join(messages), imported)
 
 
 def one_error_line(result: Result, *needles: str, command: str, last: bool = False) -> None:

@@ -10,25 +10,16 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_in_fresh_process
 
 from fakecifar.cli.app import COMMANDS  # noqa: E402 - every registered command
 
 
-def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
 @pytest.mark.parametrize("args", [["--help"]] + [[c, "--help"] for c in COMMANDS])
 def test_help_does_not_import_torch(args):
-    code = ("import sys\nfrom fakecifar.cli.app import main\n"
-            f"try:\n    main({args!r})\nexcept SystemExit as e:\n    code = e.code\n"
-            "heavy = [m for m in ('torch', 'torchvision', 'onnxruntime') if m in sys.modules]\n"
-            "print('HEAVY', heavy, 'CODE', code)")
-    proc = run_python(code)
-    assert "HEAVY [] CODE 0" in proc.stdout, proc.stdout + proc.stderr
-    assert "Usage" in proc.stdout
+    run = cli_in_fresh_process(*args)
+    assert run.exit_code == 0 and not {"torch", "torchvision", "onnxruntime"} & set(run.imported), run.stderr
+    assert "Usage" in run.stdout
 
 
 def test_version_and_python_dash_m(cli):

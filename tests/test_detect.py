@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import random_images, write_image
+from conftest import cli_in_fresh_process, random_images, write_image
 from fakecifar.detect import DEFAULT_MODEL
 
 
@@ -139,12 +137,8 @@ def test_model_without_a_fake_class_is_refused(cli, tiny_models, images):
 
 
 def test_onnx_path_never_imports_torch(tiny_models, images):
-    code = ("import sys\nfrom fakecifar.cli.app import main\n"
-            f"try:\n    main(['detect', '-m', {str(tiny_models / 'det.onnx')!r}, {str(images[0])!r}])\n"
-            "except SystemExit as e:\n    code = e.code\n"
-            "print('TORCH', 'torch' in sys.modules, 'CODE', code)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "TORCH False CODE 0" in proc.stdout, proc.stdout + proc.stderr
+    run = cli_in_fresh_process("detect", "-m", tiny_models / "det.onnx", images[0])
+    assert run.exit_code == 0 and "torch" not in run.imported, run.stderr
 
 
 def test_builtin_model_ships_and_answers(cli, images):

@@ -7,13 +7,11 @@ import functools
 import io
 import os
 import pickle
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
 import pytest
-from conftest import CLASSES3, SHARED_DATA, SHARED_MODELS, needs_shared_data
+from conftest import CLASSES3, SHARED_DATA, SHARED_MODELS, cli_in_fresh_process, needs_shared_data
 from conftest import one_error_line as _one_error_line
 
 one_error_line = functools.partial(_one_error_line, command="eval")
@@ -97,27 +95,16 @@ def test_cross_table_of_models_and_datasets(cli, trained):
 
 
 def test_onnx_eval_runs_without_torch_and_agrees(trained):
-    code = ("import sys, json\nfrom fakecifar.cli.app import main\n"
-            f"try:\n    main(['eval', {str(trained['onnx'])!r}, '--on', {str(trained['b'])!r}, '--json'])\n"
-            "except SystemExit as e:\n    code = e.code\n"
-            "print('TORCH', 'torch' in sys.modules, 'CODE', code, file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "TORCH False CODE 0" in proc.stderr, proc.stderr
-    import json
-
-    onnx_result = json.loads(proc.stdout.splitlines()[0])
+    run = cli_in_fresh_process("eval", trained["onnx"], "--on", trained["b"], "--json")
+    assert run.exit_code == 0 and "torch" not in run.imported, run.stderr
+    onnx_result = run.json_lines()[0]
     logits, labels = reference_logits(trained["pt"], trained["b"])
     assert abs(onnx_result["top1"] - (logits.argmax(1) == labels).mean()) < 1e-9
 
 
 def test_confusion_on_onnx_runs_without_torch(trained, tmp_path):
-    code = ("import sys\nfrom fakecifar.cli.app import main\n"
-            f"try:\n    main(['confusion', {str(trained['onnx'])!r}, '--on', {str(trained['b'])!r}, "
-            f"'--png', {str(tmp_path / 'c.png')!r}])\n"
-            "except SystemExit as e:\n    code = e.code\n"
-            "print('TORCH', 'torch' in sys.modules, 'CODE', code, file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "TORCH False CODE 0" in proc.stderr, proc.stderr
+    run = cli_in_fresh_process("confusion", trained["onnx"], "--on", trained["b"], "--png", tmp_path / "c.png")
+    assert run.exit_code == 0 and "torch" not in run.imported, run.stderr
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

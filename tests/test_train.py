@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import CLASSES3, random_images
+from conftest import CLASSES3, cli_in_fresh_process, random_images
 from conftest import one_error_line as _one_error_line
 
 one_error_line = functools.partial(_one_error_line, command="train", last=True)
@@ -412,12 +412,8 @@ def test_whitening_init_whitens_patches():
 
 def test_train_and_eval_help_do_not_import_torch():
     for cmd in ("train", "eval", "confusion"):
-        code = ("import sys\nfrom fakecifar.cli.app import main\n"
-                f"try:\n    main([{cmd!r}, '--help'])\nexcept SystemExit as e:\n    code = e.code\n"
-                "heavy = [m for m in ('torch', 'torchvision', 'onnxruntime', 'numpy', 'h5py') if m in sys.modules]\n"
-                "print('HEAVY', heavy, 'CODE', code)")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert "HEAVY [] CODE 0" in proc.stdout, proc.stdout + proc.stderr
+        run = cli_in_fresh_process(cmd, "--help")
+        assert run.exit_code == 0 and run.imported == [], run.stderr
 
 
 def test_train_reads_shards_from_stdin(cli, data, tmp_path):
