@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import traceback
 
 import typer
@@ -85,9 +86,23 @@ def _error(prog: str, message: str) -> None:
     sys.stderr.flush()
 
 
+def _on_sigterm(signum, frame) -> None:
+    from fakecifar.errors import Terminated
+
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; every exit code is decided here: 0 ok, 1 runtime failure, 2 bad usage/input."""
-    from fakecifar.errors import FakecifarError
+    """Run the CLI; every exit code is decided here: 0 ok, 1 runtime failure, 2 bad usage/input,
+    130 Ctrl-C, 143 SIGTERM."""
+    import signal
+
+    from fakecifar.errors import FakecifarError, Terminated
+
+    # SIGTERM (timeout, Slurm, docker stop) unwinds like Ctrl-C: writers discard their partial
+    # files on the way out. Commands that save state on a signal (train) install their own.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
     argv = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     if "--debug" in argv:
@@ -119,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, Abort):
         _error(prog, "interrupted")
         code = 130
+    except Terminated:
+        _error(prog, "terminated (SIGTERM)")
+        code = Terminated.exit_code
     except BrokenPipeError:
         # The reader downstream went away (`| head`): stop quietly, as Unix tools do.
         try:
