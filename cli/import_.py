@@ -40,14 +40,20 @@ def run(
             paths, output, classes=parse_classes(classes), origin=origin, shard_size=shard_size, dedup=dedup,
             size=parse_size(size) if size else None, on_mismatch=on_mismatch, strict=strict,
             overwrite=overwrite, on_shard=None if json_output else (lambda p: emit(str(p))), on_progress=bar.advance)
+    if report.already_complete:
+        log(f"{output} already holds this import, complete ({report.images} images in {len(report.written)} "
+            "shard(s)); nothing to do (--overwrite redoes it)")
+    elif report.resumed_shards:
+        log(f"resumed: {report.resumed_shards} shard(s) were finished by an interrupted run and kept")
     if report.skipped:
         warn(f"skipped {len(report.skipped)} image(s): {joined(report.skipped, 10)} (--strict makes this fatal)")
     h, w = report.image_size
-    log(f"imported {report.images} images ({h}x{w}, {len(report.classes)} classes) into "
-        f"{len(report.written)} shard(s) in {output}"
-        + (f"; dropped {report.duplicates} exact duplicates" if report.duplicates else "")
-        + (f"; resized {report.resized}" if report.resized else "")
-        + (f"; ignored {report.ignored_files} non-image files" if report.ignored_files else ""))
+    if not report.already_complete:
+        log(f"imported {report.images} images ({h}x{w}, {len(report.classes)} classes) into "
+            f"{len(report.written)} shard(s) in {output}"
+            + (f"; dropped {report.duplicates} exact duplicates" if report.duplicates else "")
+            + (f"; resized {report.resized}" if report.resized else "")
+            + (f"; ignored {report.ignored_files} non-image files" if report.ignored_files else ""))
     if json_output:
         from .common import emit_json
 

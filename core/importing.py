@@ -211,6 +211,8 @@ class ImportReport:
     classes: list[str] = field(default_factory=list)
     image_size: tuple[int, int] | None = None
     per_class: dict[str, int] = field(default_factory=dict)
+    resumed_shards: int = 0  # finished by an interrupted run with the same arguments
+    already_complete: bool = False  # the same import had finished before: nothing was done
 
 
 def _resolve_classes(plans: list[Plan], given: list[str] | None) -> list[str]:
@@ -247,13 +249,68 @@ def import_sources(
 
     `size` fixes the image size (else the first image's); images of another size are an
     error (`on_mismatch="error"`), resized (`"resize"`) or skipped (`"skip"`).
+
+    The output directory's manifest records, with each finished shard, where in the sources
+    the import stood; a re-run with the same arguments skips what is finished (without
+    decoding it again) and goes on from there. A finished import re-run is a no-op.
     """
-    from .shards import prepare_output_dir, remove_stale_shards
+    from .shards import open_dataset_output
 
     if on_mismatch not in ("error", "resize", "skip"):
         raise UsageError(f"--on-mismatch must be error, resize or skip, not {on_mismatch!r}")
     if origin is not None and origin not in ORIGIN_NAMES:
         raise UsageError(f"--origin must be real or fake, not {origin!r}")
+    if shard_size < 1:
+        raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
+    for s in sources:
+        if not Path(s).exists():
+            raise UsageError(f"{s}: no such file or directory")
+    params = {"sources": [str(Path(s).resolve()) for s in sources], "classes": classes, "origin": origin,
+              "shard_size": shard_size, "dedup": dedup, "size": list(size) if size else None,
+              "on_mismatch": on_mismatch, "strict": strict}
+    # The output is locked and checked before the sources are listed (a big archive takes a while).
+    output = open_dataset_output(out_dir, command="import", params=params, overwrite=overwrite)
+    try:
+        report = _import_into(output, sources, classes=classes, origin=origin, shard_size=shard_size,
+                              dedup=dedup, size=size, on_mismatch=on_mismatch, strict=strict,
+                              on_shard=on_shard, on_progress=on_progress, batch=batch)
+    except BaseException:
+        output.close(failed=True)
+        raise
+    output.close()
+    return report
+
+
+def _finished_report(output, report: ImportReport, dedup: bool, seen: set[bytes]) -> None:
+    """Counts of the shards an interrupted run finished, read back from the shards themselves."""
+    from .shards import Shard
+
+    for path in output.finished_paths:
+        shard = Shard(path)
+        for label in shard.read("labels"):
+            name = report.classes[label] if label >= 0 else "(unlabeled)"
+            report.per_class[name] = report.per_class.get(name, 0) + 1
+        if dedup and "sha256" in shard.columns:
+            seen.update(bytes(d) for d in shard.read("sha256"))
+        shard.close()
+        report.written.append(path)
+    report.images = output.finished_images
+    report.resumed_shards = len(output.finished)
+
+
+def _import_into(output, sources, *, classes, origin, shard_size, dedup, size, on_mismatch, strict,
+                 on_shard, on_progress, batch) -> ImportReport:
+    state = output.resume_state
+    if output.already_complete:
+        report = ImportReport(classes=list(output.meta.get("classes") or []),
+                              image_size=tuple(output.meta["image_size"]) if output.meta.get("image_size") else size,
+                              duplicates=int(state.get("duplicates", 0)), resized=int(state.get("resized", 0)),
+                              skipped=list(state.get("skipped", [])), already_complete=True)
+        _finished_report(output, report, False, set())
+        if on_shard:
+            for path in report.written:
+                on_shard(path)
+        return report
     plans = [plan_source(Source(s)) for s in sources]
     for plan in plans:
         if not plan.entries:
@@ -267,17 +324,33 @@ def import_sources(
                 raise UsageError(f"{plan.source.path}: CIFAR batches without batches.meta or meta",
                                  "pass --classes with the class names")
     class_list = _resolve_classes(plans, classes)
-    out = prepare_output_dir(out_dir, overwrite=overwrite)
-    report = ImportReport(classes=class_list, image_size=size,
-                          ignored_files=sum(p.ignored for p in plans))
+    stored_size = output.meta.get("image_size")
+    report = ImportReport(classes=class_list, image_size=tuple(stored_size) if stored_size else size,
+                          ignored_files=sum(p.ignored for p in plans),
+                          duplicates=int(state.get("duplicates", 0)), resized=int(state.get("resized", 0)),
+                          skipped=list(state.get("skipped", [])))
     has_origin = origin is not None or any(p.layout == "cifake" for p in plans)
     if has_origin and origin is None and any(p.layout != "cifake" for p in plans):
         raise UsageError("some sources carry real/fake origin and some do not", "pass --origin real|fake")
     default_origin = ORIGIN_NAMES.index(origin) if origin is not None else 0
     seen: set[bytes] = set()
+    _finished_report(output, report, dedup, seen)
+    if on_shard:  # a pipe re-run downstream sees the whole dataset, finished shards first
+        for path in report.written:
+            on_shard(path)
+    # Where the finished shards end: entry number (over all sources' entries, in listing
+    # order) and images of that entry already taken (pickle batches hold many).
+    resume_entry, resume_image = (int(v) for v in state.get("position", (0, 0)))
+    skip_positions: list[tuple[int, int]] = [(0, 0)] * len(report.skipped)  # all before the cursor
     provenance = [{"step": "import", "sources": [str(s) for s in sources], "dedup": dedup}]
     writer: ShardSeriesWriter | None = None
-    pending: dict[str, list] = {"images": [], "labels": [], "origin": [], "source": []}
+    pending: dict[str, list] = {"images": [], "labels": [], "origin": [], "source": [], "position": [],
+                                "resized": []}
+
+    def resume_state(position) -> dict:
+        entry, image, duplicates, resized = position
+        skipped = [text for text, at in zip(report.skipped, skip_positions) if at < (entry, image)]
+        return {"position": [entry, image], "duplicates": duplicates, "resized": resized, "skipped": skipped}
 
     def flush() -> None:
         nonlocal writer
@@ -291,16 +364,23 @@ def import_sources(
                 if d in seen:
                     keep[i] = False
                 seen.add(d)
-            report.duplicates += int((~keep).sum())
+        resized = np.asarray(pending["resized"], bool)
+        # Counters as they stood after each row, for the resume state of a shard ending there.
+        dups_after = report.duplicates + np.cumsum(~keep)
+        resized_after = report.resized - int(resized.sum()) + np.cumsum(resized)
+        report.duplicates += int((~keep).sum())
         if writer is None:
-            writer = ShardSeriesWriter(out, shard_size=shard_size, classes=class_list,
+            writer = ShardSeriesWriter(output.directory, shard_size=shard_size, classes=class_list,
                                        image_size=report.image_size, producer=producer("import"),
-                                       provenance=provenance, overwrite=overwrite, on_shard=on_shard)
+                                       provenance=provenance, overwrite=output.overwrite, on_shard=on_shard,
+                                       dataset=output, resume_state=resume_state)
         labels = np.asarray(pending["labels"], np.int16)[keep]
         columns = {"sha256": digests[keep], "source": np.asarray(pending["source"], dtype=object)[keep]}
         if has_origin:
             columns["origin"] = np.asarray(pending["origin"], np.uint8)[keep]
-        writer.add_batch(images[keep], labels, **columns)
+        positions = [(*pending["position"][i], int(dups_after[i]), int(resized_after[i]))
+                     for i in np.nonzero(keep)[0]]
+        writer.add_batch(images[keep], labels, positions=positions, **columns)
         for label in labels:
             name = class_list[label] if label >= 0 else "(unlabeled)"
             report.per_class[name] = report.per_class.get(name, 0) + 1
@@ -308,9 +388,10 @@ def import_sources(
         for values in pending.values():
             values.clear()
 
-    def add(image: np.ndarray, label: int, image_origin: int, name: str) -> None:
+    def add(image: np.ndarray, label: int, image_origin: int, name: str, position: tuple[int, int]) -> None:
         if report.image_size is None:
             report.image_size = image.shape[:2]
+        was_resized = False
         if image.shape[:2] != report.image_size:
             h, w = report.image_size
             if on_mismatch == "error":
@@ -318,34 +399,49 @@ def import_sources(
                                     f"pass --size {h}x{w} --on-mismatch resize (or skip)")
             if on_mismatch == "skip":
                 report.skipped.append(f"{name}: size {image.shape[0]}x{image.shape[1]}")
+                skip_positions.append(position)
                 return
             image = resize_image(image, report.image_size)
             report.resized += 1
+            was_resized = True
         pending["images"].append(image)
         pending["labels"].append(label)
         pending["origin"].append(image_origin)
         pending["source"].append(name)
+        pending["position"].append((position[0], position[1] + 1))
+        pending["resized"].append(was_resized)
         if len(pending["images"]) >= batch:
             flush()
 
-    def bad(error: Exception) -> None:
+    def bad(error: Exception, position: tuple[int, int]) -> None:
         if strict:
             raise error if isinstance(error, BadImageError) else BadImageError(str(error))
         report.skipped.append(str(error))
+        skip_positions.append(position)
 
     try:
+        first = 0  # entry number of each plan's first entry
         for plan in plans:
             index = {n: i for i, n in enumerate(class_list)}
-            for entry, data in plan.source.read(set(plan.entries)):
+            number = {entry: first + i for i, entry in enumerate(plan.entries)}
+            wanted = {entry for entry, k in number.items() if k >= resume_entry}
+            first += len(plan.entries)
+            if on_progress:
+                on_progress(len(plan.entries) - len(wanted))
+            for entry, data in plan.source.read(wanted):
+                k = number[entry]
                 if on_progress:
                     on_progress(1)
                 if isinstance(data, Exception):
-                    bad(data)
+                    bad(data, (k, 0))
                     continue
                 if plan.layout == "pickle":
-                    for image, label in _pickle_images(data, entry.display, len(class_list)):
-                        add(image, label, default_origin, entry.display)
+                    for j, (image, label) in enumerate(_pickle_images(data, entry.display, len(class_list))):
+                        if k > resume_entry or j >= resume_image:
+                            add(image, label, default_origin, entry.display, (k, j))
                     continue
+                if k == resume_entry and resume_image > 0:
+                    continue  # taken by a finished shard
                 try:
                     image = decode_image(data, entry.display)
                     if plan.layout == "cifake":
@@ -357,12 +453,12 @@ def import_sources(
                         label = index[entry.parts[-2]] if len(entry.parts) >= 2 else -1
                         image_origin = default_origin
                 except BadImageError as exc:
-                    bad(exc)
+                    bad(exc, (k, 0))
                     continue
-                add(image, label, image_origin, entry.display)
+                add(image, label, image_origin, entry.display, (k, 0))
         flush()
         if writer is not None:
-            report.written = writer.close()
+            writer.close()
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -370,8 +466,10 @@ def import_sources(
     if report.images == 0:
         raise UsageError(f"no images imported from {', '.join(map(str, sources))}",
                          f"{len(report.skipped)} skipped; rerun with --strict to see why")
-    if overwrite:
-        remove_stale_shards(out, report.written)
+    report.written = list(output.finished_paths)
+    output.finish(classes=class_list, image_size=report.image_size,
+                  resume={"position": [first, 0], "duplicates": report.duplicates, "resized": report.resized,
+                          "skipped": report.skipped})
     return report
 
 

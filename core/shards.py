@@ -23,12 +23,14 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
 from . import __version__
-from .errors import BadShardError, IncompatibleShardsError, OutputError, OutputExistsError, UsageError
+from .manifest import DatasetOutput, check_dataset_dir, check_listed_shard, read_manifest
+from .errors import BadShardError, IncompatibleShardsError, OutputError, OutputExistsError, UsageError, write_error
 
 FORMAT = "fakecifar-shard"
 VERSION = 1
@@ -147,6 +149,7 @@ class ShardWriter(_AtomicOutput):
             **(attrs or {}),
         }
         self._file: h5py.File | None = None
+        self._raw: _GuardedFile | None = None
         self._columns: tuple[str, ...] | None = None
         self.count = 0
         self.closed = False
@@ -156,11 +159,19 @@ class ShardWriter(_AtomicOutput):
         if self._file is None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = h5py.File(self.partial, "w", libver="latest")
+                self._raw = _GuardedFile(self.partial)
+                self._file = h5py.File(self._raw, "w", libver="latest")
             except OSError as exc:
-                raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}",
-                                  "check the output directory exists and is writable") from exc
+                self._discard()
+                raise write_error(exc, self.partial) from exc
         return self._file
+
+    def _check_writes(self) -> None:
+        """Raise the first write error the guarded file absorbed (the shard is discarded)."""
+        if self._raw is not None and self._raw.error is not None:
+            error = self._raw.error
+            self.abort()
+            raise write_error(error, self.path) from error
 
     def _create(self, name: str, first: np.ndarray) -> None:
         f = self._open()
@@ -209,6 +220,7 @@ class ShardWriter(_AtomicOutput):
             ds.resize(self.count + n, axis=0)
             ds[self.count:self.count + n] = values
         self.count += n
+        self._check_writes()
 
     def add(self, image: np.ndarray, label: int = UNLABELED, **columns) -> None:
         self.add_batch(np.asarray(image)[None], np.array([label]),
@@ -223,19 +235,20 @@ class ShardWriter(_AtomicOutput):
             self.add_batch(np.zeros((0, *self.image_size, 3), np.uint8))
         for key, value in self._attrs.items():
             f.attrs[key] = value
+        f.flush()
+        f.close()
+        self._file = None
+        self._check_writes()
         try:
-            f.flush()
-            f.close()
-            self._file = None
-            with open(self.partial, "rb+") as fh:
-                os.fsync(fh.fileno())
+            self._raw.sync_and_close()
+            self._raw = None
             if self.path.exists() and not self.overwrite:
+                self.abort()
                 raise OutputExistsError(f"{self.path} appeared while writing", "pass --overwrite to replace it")
             os.replace(self.partial, self.path)
         except OSError as exc:
             self.abort()
-            raise OutputError(f"cannot finish {self.path}: {exc.strerror or exc}",
-                              "check free disk space and permissions") from exc
+            raise write_error(exc, self.path) from exc
         _fsync_dir(self.path.parent)
         self.closed = True
         return self.path
@@ -248,8 +261,78 @@ class ShardWriter(_AtomicOutput):
             except Exception:  # noqa: BLE001 - closing a broken file must not mask the real error
                 pass
             self._file = None
-        self.partial.unlink(missing_ok=True)
+        self._discard()
         self.closed = True
+
+    def _discard(self) -> None:
+        if self._raw is not None:
+            self._raw.close_quietly()
+            self._raw = None
+        try:
+            self.partial.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only directory: nothing was created there either
+
+
+class _GuardedFile:
+    """The Python file h5py writes a shard through. HDF5 does not survive a failed write (on a
+    full disk it segfaults while flushing its caches), so the first OSError is remembered and
+    every later write is dropped: HDF5 always sees success, and the writer raises the
+    remembered error once HDF5 is done with the file."""
+
+    def __init__(self, path: Path):
+        self._fh = open(path, "w+b")  # noqa: SIM115 - closed by sync_and_close/close_quietly
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        if self.error is None:
+            try:
+                self._fh.write(data)
+            except OSError as exc:
+                self.error = exc
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._fh.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size if size is not None else self._fh.tell()
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._fh.flush()
+            except OSError as exc:
+                self.error = exc
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def readinto(self, buffer) -> int:
+        return self._fh.readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fh.read(size)
+
+    def sync_and_close(self) -> None:
+        """flush + fsync + close, raising a write error remembered or met now."""
+        self.flush()
+        if self.error is not None:
+            raise self.error
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def close_quietly(self) -> None:
+        try:
+            self._fh.close()
+        except OSError:
+            pass
 
 
 class ShardSeriesWriter(_AtomicOutput):
@@ -262,7 +345,8 @@ class ShardSeriesWriter(_AtomicOutput):
     def __init__(self, out_dir: str | os.PathLike, *, shard_size: int, classes: Sequence[str],
                  image_size: tuple[int, int], producer: str, prefix: str = "shard",
                  provenance: list | None = None, overwrite: bool = False, start_index: int = 0,
-                 on_shard: Callable[[Path], None] | None = None, compression: str | None = None):
+                 on_shard: Callable[[Path], None] | None = None, compression: str | None = None,
+                 dataset: DatasetOutput | None = None, resume_state: Callable[[Any], dict] | None = None):
         if shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
         self.out_dir = Path(out_dir)
@@ -271,10 +355,17 @@ class ShardSeriesWriter(_AtomicOutput):
         self.producer, self.prefix, self.provenance = producer, prefix, provenance
         self.overwrite, self.compression = overwrite, compression
         self.on_shard = on_shard
+        # With a dataset, each finished shard is recorded in its manifest (with the resume state
+        # `resume_state(position)` of the shard's last row) before it is announced.
+        self.dataset, self.resume_state = dataset, resume_state
+        if dataset is not None:
+            dataset.set_meta(classes=self.classes, image_size=image_size)
+            start_index = max(start_index, len(dataset.finished))
         self.index = start_index
         self.written: list[Path] = []
         self.count = 0
         self._writer: ShardWriter | None = None
+        self._last_position: Any = None
 
     def _current(self) -> ShardWriter:
         if self._writer is None:
@@ -284,7 +375,9 @@ class ShardSeriesWriter(_AtomicOutput):
                                        overwrite=self.overwrite, compression=self.compression)
         return self._writer
 
-    def add_batch(self, images: np.ndarray, labels=None, **columns) -> None:
+    def add_batch(self, images: np.ndarray, labels=None, *, positions: Sequence | None = None, **columns) -> None:
+        """Append images; `positions[i]` (optional) says where the input stood after row i, for
+        the manifest's resume state when a shard ends on that row."""
         images = np.asarray(images)
         start = 0
         while start < len(images):
@@ -295,15 +388,21 @@ class ShardSeriesWriter(_AtomicOutput):
                              **{k: (None if v is None else np.asarray(v)[sl]) for k, v in columns.items()})
             start += take
             self.count += take
+            if positions is not None:
+                self._last_position = positions[start - 1]
             if writer.count >= self.shard_size:
                 self._finish()
 
     def _finish(self) -> None:
         if self._writer is not None:
+            count = self._writer.count
             path = self._writer.close()
             self._writer = None
             self.index += 1
             self.written.append(path)
+            if self.dataset is not None:
+                resume = self.resume_state(self._last_position) if self.resume_state else None
+                self.dataset.add(path, count, resume=resume)
             if self.on_shard:
                 self.on_shard(path)
 
@@ -319,6 +418,13 @@ class ShardSeriesWriter(_AtomicOutput):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+
+def open_dataset_output(out: str | os.PathLike, *, command: str, params: dict, overwrite: bool) -> DatasetOutput:
+    """Lock OUT for this producer and decide: fresh, resume (an interrupted run with the same
+    params), already complete, or refused. See fakecifar.manifest."""
+    return DatasetOutput(out, command=command, params=params, overwrite=overwrite,
+                         producer=producer(command)).open()
 
 
 def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -538,8 +644,11 @@ def _short(classes: list[str]) -> str:
     return json.dumps(classes if len(classes) <= 4 else classes[:3] + ["..."])
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files, directories (every *.h5 inside, sorted) and globs -> shard paths, in order."""
+def expand_inputs(inputs: Iterable[str | os.PathLike], *, allow_incomplete: bool = False) -> list[Path]:
+    """Files, directories (every *.h5 inside, sorted) and globs -> shard paths, in order.
+
+    A directory must be a complete dataset by its manifest, and a file its directory's
+    manifest lists must match it (fakecifar.manifest), unless `allow_incomplete`."""
     paths: list[Path] = []
     for item in inputs:
         text = str(item)
@@ -547,9 +656,15 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         if p.is_dir():
             found = sorted(p.glob(f"*{SUFFIX}"))
             if not found:
+                manifest = read_manifest(p)
+                if manifest is not None and not manifest.get("complete"):
+                    check_dataset_dir(p, found)
                 raise UsageError(f"{p}: directory holds no *{SUFFIX} shards", "give the folder `fakecifar import` wrote")
+            check_dataset_dir(p, found, allow_incomplete=allow_incomplete)
             paths.extend(found)
         elif p.exists():
+            if p.suffix == SUFFIX:
+                check_listed_shard(p, allow_incomplete=allow_incomplete)
             paths.append(p)
         elif glob.has_magic(text):
             found = sorted(Path(m) for m in glob.glob(text) if m.endswith(SUFFIX))
@@ -561,9 +676,10 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def open_shards(inputs: Iterable[str | os.PathLike]) -> ShardSet:
-    """Open files/directories/globs as one dataset; refuses bad or mismatched shards."""
-    paths = expand_inputs(inputs)
+def open_shards(inputs: Iterable[str | os.PathLike], *, allow_incomplete: bool = False) -> ShardSet:
+    """Open files/directories/globs as one dataset; refuses bad or mismatched shards, and
+    directories their manifest does not call complete (unless `allow_incomplete`)."""
+    paths = expand_inputs(inputs, allow_incomplete=allow_incomplete)
     if not paths:
         raise UsageError("no input shards", "give shard files or directories, or pipe their paths on stdin")
     return ShardSet([Shard(p) for p in paths])
