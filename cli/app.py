@@ -4,13 +4,18 @@ exit code in one place (`main`). Only typer is imported here: `fakecifar --help`
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import traceback
 
 import typer
+import typer.core
+from typer import Abort, Exit
+
+# typer vendors click as typer._click since 0.26 (the floor in pyproject.toml); its usage errors
+# have no public name.
 from typer._click import exceptions as click_exceptions
-from typer._click.core import Abort, Exit
 
 from fakecifar import __version__
 
@@ -25,6 +30,10 @@ app = typer.Typer(
          "| fakecifar stats",
     no_args_is_help=True,
     add_completion=True,
+    # Plain (click) help, not rich panels: rich shows flags as `--tta <bool>` and cuts long option
+    # names (`--wd,--weight-dec…`) to fit 80 columns; the plain layout shows `--tta`,
+    # `--nesterov / --no-nesterov` and wraps only the descriptions. `_Command` keeps the panels.
+    rich_markup_mode=None,
     # Off: a crash would otherwise print local variables (API keys included).
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
@@ -42,8 +51,35 @@ COMMANDS = {  # in the order of a study: get data, prepare it, train, evaluate, 
     "confusion": confusion,
     "detect": detect,
 }
+
+
+class _Command(typer.core.TyperCommand):
+    """Plain help with the options grouped under their `rich_help_panel` titles (mine's "Pacing
+    and limits", ...), as the rich layout grouped them."""
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {"Arguments": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                title = "Arguments" if param.param_type_name == "argument" else \
+                    getattr(param, "rich_help_panel", None) or "Options"
+                sections.setdefault(title, []).append(record)
+        sections["Options"] = sections.pop("Options", [])  # the ungrouped ones (--help) last
+        for title, rows in sections.items():
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _summary(doc: str | None) -> str:
+    """A command's first sentence: the root help lists it whole, not cut to fit a column."""
+    return " ".join(re.split(r"\.\s", (doc or "").strip(), maxsplit=1)[0].split()).rstrip(".")
+
+
 for _name, _module in COMMANDS.items():
-    app.command(name=_name, help=_module.__doc__, no_args_is_help=False)(_module.run)
+    app.command(name=_name, help=_module.__doc__, short_help=_summary(_module.__doc__), no_args_is_help=False,
+                cls=_Command)(_module.run)
 
 
 def _version(value: bool) -> None:
@@ -82,7 +118,11 @@ def _command_name(argv: list[str]) -> str:
 
 
 def _error(prog: str, message: str) -> None:
-    sys.stderr.write(f"{prog}: error: {message}\n")
+    """The one error line. Unprintable characters (a file name's control bytes, a newline in a
+    library's message) are escaped, so the line stays one line and cannot drive the terminal."""
+    from fakecifar.text import printable
+
+    sys.stderr.write(f"{prog}: error: {printable(message)}\n")
     sys.stderr.flush()
 
 

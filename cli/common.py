@@ -12,6 +12,13 @@ from contextlib import contextmanager
 import typer
 
 
+# Defined once, used by every command that reads shards (fakecifar.manifest says why).
+ALLOW_INCOMPLETE = typer.Option(
+    False, "--allow-incomplete",
+    help="Read a directory even if its manifest.json is missing, says the run that wrote it was interrupted, "
+         "or disagrees with its shards.")
+
+
 class Settings:
     """Global flags set by the root callback (-q, --debug)."""
 
@@ -22,11 +29,16 @@ class Settings:
 def input_paths(args: list[str] | None) -> list[str]:
     """The command's inputs: its arguments, or one path per line on stdin when there are none
     (or just '-') and stdin is not a terminal."""
+    from fakecifar.text import paths_from_bytes
+
     args = list(args or [])
     if args and args != ["-"]:
         return args
     if args == ["-"] or not sys.stdin.isatty():
-        return [line.strip() for line in sys.stdin if line.strip()]
+        # Bytes, not text: a NUL or binary data piped by mistake is a clear error, not a crash.
+        stream = getattr(sys.stdin, "buffer", None)
+        data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        return paths_from_bytes(data)
     return []
 
 
@@ -58,14 +70,19 @@ def _json_default(obj):
 
 
 def log(message: str) -> None:
-    """A message for the human: stderr, silenced by -q."""
+    """A message for the human: stderr, silenced by -q. Unprintable characters (in a file
+    name, say) are escaped: a message cannot drive the terminal."""
+    from fakecifar.text import printable_lines
+
     if not Settings.quiet:
-        typer.echo(message, err=True)
+        typer.echo(printable_lines(message), err=True)
 
 
 def warn(message: str) -> None:
     """A warning is shown even with -q: it is about the data, not about progress."""
-    typer.echo(f"warning: {message}", err=True)
+    from fakecifar.text import printable_lines
+
+    typer.echo(f"warning: {printable_lines(message)}", err=True)
 
 
 @contextmanager

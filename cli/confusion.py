@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, emit_json, log, progress, require_inputs, warn
+from .common import ALLOW_INCOMPLETE, emit, emit_json, log, progress, require_inputs, warn
 
 
 def run(
@@ -26,6 +26,7 @@ def run(
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torch models)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads (torch or onnxruntime); default one per core."),
+    allow_incomplete: bool = ALLOW_INCOMPLETE,
 ) -> None:
     from fakecifar.errors import OutputExistsError, UsageError
     from fakecifar.evaluate import evaluate, load_classifier, looks_like_model
@@ -48,7 +49,7 @@ def run(
     from fakecifar.metrics import confusion_heatmap, row_normalized
     from fakecifar.shards import open_shards
 
-    data = open_shards(datasets)
+    data = open_shards(datasets, allow_incomplete=allow_incomplete)
     name = datasets[0] if len(datasets) == 1 else f"{datasets[0]} (+{len(datasets) - 1})"
     clf = load_classifier(models[0], arch=arch, device=device, threads=threads)
     with progress(len(data), f"{clf.name} on {name}") as bar:

@@ -31,11 +31,12 @@ def run(
 ) -> None:
     from fakecifar.detect import Detector, detect, iter_items
     from fakecifar.errors import UsageError
+    from fakecifar.text import printable
 
     sources = list(inputs or [])
     if not sources:
         if sys.stdin.isatty():
-            raise UsageError("no input images", "give image files, folders or shards, or pipe them on stdin")
+            raise UsageError("no image given", "give image files, folders or shards, or pipe them on stdin")
         sources = ["-"]
     detector = Detector(model, arch=arch, tta=tta)
     model_name = str(model) if model else "builtin:" + detector.path.name
@@ -60,7 +61,12 @@ def run(
             emit_json({"path": verdict.path, "label": verdict.label, "p_fake": round(verdict.p_fake, 6),
                        "model": model_name})
         else:
-            emit(f"{verdict.path}\t{verdict.label}\t{verdict.p_fake:.3f}")
+            # A tab or control byte in a file name must not split the line or reach the terminal.
+            emit(f"{printable(verdict.path)}\t{verdict.label}\t{verdict.p_fake:.3f}")
+    if count == 0 and not failures:  # an empty folder, shard or stdin: saying nothing would look like success
+        given = ", ".join("stdin" if s == "-" else s for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
+        raise UsageError(f"no image given: {given} held no images",
+                         "give image files, folders or shards, or pipe them on stdin")
     if len(cautions) > MAX_CAUTIONS:
         warn(f"{len(cautions) - MAX_CAUTIONS} more images far from the training size")
     elapsed = time.perf_counter() - start

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import emit, emit_json, input_paths, log, progress, warn
+from .common import ALLOW_INCOMPLETE, emit, emit_json, input_paths, log, progress, warn
 
 
 def split_models_and_datasets(args: list[str], on: list[str]) -> tuple[list[str], list[str]]:
@@ -41,6 +41,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torch models)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads (torch or onnxruntime); default one per core."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line per model and dataset, with every metric."),
+    allow_incomplete: bool = ALLOW_INCOMPLETE,
 ) -> None:
     from fakecifar.errors import UsageError
     from fakecifar.evaluate import looks_like_model
@@ -64,7 +65,7 @@ def run(
     from fakecifar.evaluate import evaluate, load_classifier
     from fakecifar.shards import open_shards
 
-    sets = [(name, open_shards([name])) for name in datasets]
+    sets = [(name, open_shards([name], allow_incomplete=allow_incomplete)) for name in datasets]
     results, grid = [], {}
     for model_path in models:
         clf = load_classifier(model_path, arch=arch, device=device, threads=threads)

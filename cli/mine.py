@@ -6,6 +6,7 @@ their native size with their label, prompt, seed, source (API, model, request id
 pixel sha256 and origin=fake. Each shard is finished atomically and its path printed as soon
 as it is complete, so the next command in a pipe starts on it at once:
 
+\b
   fakecifar mine --api craiyon --per-class 500 -o raw/ \\
       | fakecifar resize --size 32 -o small/
 
@@ -20,6 +21,7 @@ shard, which the next run deletes) and a run with nothing left to do says so and
 Exact duplicates (same pixels) are dropped against the whole folder; --dedup-phash D also
 drops near-duplicates. --max-requests and --max-minutes bound one run, e.g. hourly:
 
+\b
   0 * * * *  fakecifar -q mine --api craiyon --per-class 5000 \\
                  -o /data/raw --max-minutes 55
 
@@ -144,7 +146,8 @@ def run(
     model: str = typer.Option(None, "--model", help="Model: openai dall-e-2 (default), dall-e-3, gpt-image-1; hf repo "
                                                     "id; a1111 checkpoint (default: the one loaded).",
                               rich_help_panel="Generation"),
-    size: str = typer.Option(None, "--size", help="Image size HxW (or N) to ask the API for; stored as returned.",
+    size: str = typer.Option(None, "--size", help="Image size HxW (height x width) or N (square) to ask the API "
+                                                  "for; stored as returned.",
                              rich_help_panel="Generation"),
     batch: int = typer.Option(None, "--batch", help="Images per request where the API lets you choose (a1111, openai).",
                               rich_help_panel="Generation"),

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, log, progress, require_inputs
+from .common import ALLOW_INCOMPLETE, emit, log, progress, require_inputs
 
 
 def run(
     inputs: list[str] = typer.Argument(None, help="Shards, directories or globs (or paths on stdin).",
                                        show_default=False),
-    size: str = typer.Option(..., "--size", "-s", help="Target size: N (square) or HxW."),
+    size: str = typer.Option(..., "--size", "-s",
+                             help="Target size: N (square) or HxW (height x width), e.g. 32 or 24x32."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the resized shards (same names)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards already in the output directory."),
+    allow_incomplete: bool = ALLOW_INCOMPLETE,
 ) -> None:
     from fakecifar.images import parse_size
     from fakecifar.resize import resize_shards
@@ -24,5 +26,5 @@ def run(
     target = parse_size(size)
     with progress(None, "resizing") as bar:
         written = resize_shards(paths, output, target, overwrite=overwrite, on_shard=lambda p: emit(str(p)),
-                                on_progress=bar.advance)
+                                on_progress=bar.advance, allow_incomplete=allow_incomplete)
     log(f"resized {len(written)} shard(s) to {target[0]}x{target[1]} in {output}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, log, require_inputs
+from .common import ALLOW_INCOMPLETE, emit, log, require_inputs
 
 
 def run(
@@ -19,12 +19,13 @@ def run(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same split."),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Images per output shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards already in train/ and val/."),
+    allow_incomplete: bool = ALLOW_INCOMPLETE,
 ) -> None:
     from fakecifar.shards import open_shards
     from fakecifar.split import parse_ratio, split_dataset
 
     fraction = parse_ratio(ratio, val)
-    data = open_shards(require_inputs(inputs))
+    data = open_shards(require_inputs(inputs), allow_incomplete=allow_incomplete)
     report = split_dataset(data, output, fraction=fraction, seed=seed, shard_size=shard_size,
                            overwrite=overwrite, on_shard=lambda p: emit(str(p)))
     log(f"split {len(data)} images: {report.train_images} train, {report.val_images} val "

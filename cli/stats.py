@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import emit, emit_json, input_paths, progress
+from .common import ALLOW_INCOMPLETE, emit, emit_json, input_paths, progress
 
 
 def run(
@@ -15,6 +15,7 @@ def run(
                                          show_default=False),
     by: str = typer.Option(None, "--by", help="Split each dataset by 'origin' (real vs fake) side by side."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line per dataset instead of a table."),
+    allow_incomplete: bool = ALLOW_INCOMPLETE,
 ) -> None:
     from tabulate import tabulate
 
@@ -29,7 +30,7 @@ def run(
     results = []
     with progress(None, "stats") as bar:
         for group in groups:
-            data = open_shards(group)
+            data = open_shards(group, allow_incomplete=allow_incomplete)
             name = group[0] if len(group) == 1 else f"{len(group)} shards"
             results += dataset_stats(data, name, by=by, on_progress=bar.advance)
             data.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, input_paths, log, progress, require_inputs, warn
+from .common import ALLOW_INCOMPLETE, emit, input_paths, log, progress, require_inputs, warn
 
 
 def run(
@@ -71,6 +71,7 @@ def run(
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's, one per core). "
                                                         "Use 1 per job when several jobs share the cores."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    allow_incomplete: bool = ALLOW_INCOMPLETE,
 ) -> None:
     if list_models:
         from fakecifar.train import model_table
@@ -86,7 +87,7 @@ def run(
         output = resume
     from fakecifar.evaluate import target_classes
     from fakecifar.shards import open_shards
-    from fakecifar.train import dist_from_env, make_config, stored_run, train
+    from fakecifar.train import check_outputs, dist_from_env, make_config, stored_run, train
 
     base, stored_data, stored_val = stored_run(resume) if resume is not None else (None, [], [])
     # --resume alone continues on the data (and validation data) the run was started with.
@@ -107,14 +108,17 @@ def run(
         gamma=gamma, label_smoothing=label_smoothing, augment=augment, pad=pad, flip=flip, ema=ema, tta=tta,
         whiten=whiten, precision=precision, channels_last=channels_last, target=target, soft=soft,
         temperature=temperature, alpha=alpha, seed=seed, device=device, patience=patience)
-    data = open_shards(paths)
-    val_data = open_shards(val) if val else None
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
     dist = dist_from_env()
+    # Refuse what needs no data (existing, unwritable or too long outputs, another architecture
+    # on --resume) before any shard is opened: not after an epoch.
+    check_outputs(output, config, resume=resume, onnx=onnx, overwrite=overwrite, log_path=log_file, dist=dist)
+    data = open_shards(paths, allow_incomplete=allow_incomplete)
+    val_data = open_shards(val, allow_incomplete=allow_incomplete) if val else None
     import torch
 
     if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     elif not dist.enabled and (config.device == "cpu" or not torch.cuda.is_available()):
         busy = _load_average()

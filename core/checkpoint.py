@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import BadCheckpointError, BadImageError, OutputError, UsageError
+from .text import format_classes, format_size
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +112,7 @@ def _validated_meta(
     if not classes:
         raise UsageError("a checkpoint needs at least one class name")
     if len(set(classes)) != len(classes):
-        raise UsageError(f"duplicate class names: {classes}")
+        raise UsageError(f"duplicate class names: {format_classes(classes)}")
     mean_l, std_l = [float(m) for m in mean], [float(s) for s in std]
     if len(mean_l) != 3 or len(std_l) != 3:
         raise UsageError(f"mean and std need 3 values (RGB), got {mean_l} and {std_l}")
@@ -131,7 +132,9 @@ def _validated_meta(
 
 
 def _write_atomically(path: Path, writer: Callable[[IO[bytes]], object]) -> Path:
-    """Run `writer(file)` on `path.partial`, fsync, then rename over `path`: never a half file."""
+    """Run `writer(file)` on `path.partial`, fsync, then rename over `path`: never a half file.
+    On any failure the partial is removed and `path` (an earlier version) is left as it was; a
+    full disk is NoSpaceError, an unwritable place OutputError (see `_write_failure`)."""
     partial = path.with_name(path.name + PARTIAL)
     try:
         with open(partial, "wb") as fh:
@@ -139,9 +142,12 @@ def _write_atomically(path: Path, writer: Callable[[IO[bytes]], object]) -> Path
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(partial, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        error = _write_failure(exc, path, partial)  # before the unlink: it frees the space
         partial.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}", "check the directory exists and is writable") from exc
+        if error is None:
+            raise
+        raise error from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -154,6 +160,46 @@ def _write_atomically(path: Path, writer: Callable[[IO[bytes]], object]) -> Path
     except OSError:
         pass
     return path
+
+
+# torch.save reports a failed write as a RuntimeError of its zip writer, not as the OSError.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write failed")
+_FULL_BYTES = 1 << 20  # this little space left after a failed write means the disk filled up
+
+
+def _write_failure(exc: BaseException, path: Path, partial: Path) -> Exception | None:
+    """The typed error for a failure while writing `path` (via `partial`), or None for one that
+    is not about writing (a bug: re-raised as is).
+
+    An OSError (here or behind torch's RuntimeError, as its context) maps through
+    `errors.write_error`; a missing or invalid location is OutputError. A torch write failure
+    without one is NoSpaceError when the partial's filesystem is (nearly) full."""
+    import errno
+
+    from .errors import FakecifarError, NoSpaceError, write_error
+
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and not isinstance(cause, OSError) and seen < 8:
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    if isinstance(cause, OSError):
+        if cause.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+            return OutputError(f"cannot write {path}: {cause.strerror or cause}",
+                               "check the directory exists and is writable")
+        return write_error(cause, path)
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(m in text for m in _TORCH_WRITE_FAILURES):
+        return None
+    try:
+        stats = os.statvfs(partial.parent)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = None
+    if free is not None and free < _FULL_BYTES:
+        return NoSpaceError(f"no space left on device writing {path}", "free space or choose another -o")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return FakecifarError(f"cannot write {path}: {first}", "check the output location (disk, quota, permissions)")
 
 
 # ----------------------------------------------------------------------------- .pt
@@ -211,6 +257,60 @@ def save_checkpoint(
     return _write_atomically(path, writer=lambda fh: torch.save(payload, fh))
 
 
+MODEL_KINDS = "a fakecifar .pt, a foreign state dict (.pt/.th, with --arch) or an .onnx model"
+_ZIP_MAGIC = b"PK\x03\x04"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_IMAGE_MAGICS = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _not_a_model(path: Path, *, onnx: bool = False) -> str | None:
+    """What `path` is, when its first bytes show it is no model at all (text, a shard, an image,
+    random bytes), so it is refused as "not a model file" rather than with the loader's error.
+    A .pt must be a zip (torch >= 1.6) or a pickle stream (older torch, .th files); an .onnx is
+    protobuf, which has no signature, so only the recognizable non-models are named there."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None  # unreadable: the loader's error names the reason
+    if not head:
+        return "an empty file"
+    if head.startswith(_HDF5_MAGIC):
+        return "an HDF5 file, perhaps a shard"
+    if head.startswith(_IMAGE_MAGICS):
+        return "an image"
+    if _is_text(head):
+        return "text"
+    if head.startswith(_ZIP_MAGIC):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                    return "a zip archive without a PyTorch checkpoint in it"
+        except (zipfile.BadZipFile, OSError):
+            pass  # a truncated checkpoint: the loader's error says so
+        return None
+    is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    return None if onnx or is_pickle else "neither the zip nor the pickle stream PyTorch writes"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a character cut at the end of the 4 KiB read is fine
+        if exc.start < len(head) - 3:
+            return False
+        text = head[:exc.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r" for c in text)
+
+
+def _refuse_non_model(path: Path, *, onnx: bool = False) -> None:
+    kind = _not_a_model(path, onnx=onnx)
+    if kind:
+        raise BadCheckpointError(f"{path}: not a model file", f"it is {kind}; expected {MODEL_KINDS}")
+
+
 def _torch_load(path: Path, map_location: Any) -> Any:
     import pickle
 
@@ -218,6 +318,7 @@ def _torch_load(path: Path, map_location: Any) -> Any:
 
     if not path.is_file():
         raise BadCheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    _refuse_non_model(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # noise on non-torch pickles
@@ -532,6 +633,7 @@ def read_onnx_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BadCheckpointError(f"{path}: no such file")
+    _refuse_non_model(path, onnx=True)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
@@ -553,6 +655,7 @@ class OnnxClassifier:
         self.path = Path(path)
         if not self.path.is_file():
             raise BadCheckpointError(f"{self.path}: no such file")
+        _refuse_non_model(self.path, onnx=True)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3  # errors only: ort's warnings are not for our users
@@ -577,7 +680,7 @@ class OnnxClassifier:
         if images.ndim != 4 or images.shape[1] != 3:
             raise BadImageError(f"expected images as [N, 3, H, W], got shape {list(images.shape)}")
         if images.shape[2:] != (h, w):
-            raise BadImageError(f"{self.path} takes {h}x{w} images, got {images.shape[2]}x{images.shape[3]}",
+            raise BadImageError(f"{self.path} takes {format_size((h, w))} images, got {format_size(images.shape[2:])}",
                                 "resize them first (fakecifar resize)")
         if not np.issubdtype(images.dtype, np.floating):
             raise BadImageError(f"expected float images in [0, 1], got {images.dtype}", "divide uint8 pixels by 255")

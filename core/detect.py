@@ -19,6 +19,7 @@ import numpy as np
 from .errors import BadCheckpointError, BadImageError, FakecifarError, UsageError
 from .images import decode_image, is_image_name, resize_images
 from .samples import DATA
+from .text import format_classes, format_size, paths_from_bytes
 
 DEFAULT_MODEL = DATA / "detector.onnx"
 # Beyond these the answer is less trustworthy: the model was trained on small square images.
@@ -46,7 +47,7 @@ def fake_columns(classes: list[str]) -> np.ndarray:
     """Which output classes mean 'generated': 'fake' (2-class) or 'fake/<class>' (origin x class)."""
     mask = np.array([c.lower() == "fake" or c.lower().startswith("fake/") for c in classes])
     if not mask.any() or mask.all():
-        raise BadCheckpointError(f"model classes {classes[:6]} have no real/fake split",
+        raise BadCheckpointError(f"model classes {format_classes(classes)} have no real/fake split",
                                  "use a model trained with --target origin or origin+class")
     return mask
 
@@ -90,11 +91,11 @@ class Detector:
     def caution(self, image: np.ndarray) -> str | None:
         """Why an answer for this image is less trustworthy, if it is."""
         h, w = image.shape[:2]
-        side = max(self.input_size)
+        trained = format_size(self.input_size)
         if max(h, w) / min(h, w) > MAX_ASPECT:
-            return f"{w}x{h} is not square; the model was trained on square {side}px images"
-        if min(h, w) > MAX_UPSCALE_FROM * side:
-            return f"{w}x{h} is much larger than the {side}px images the model was trained on"
+            return f"{format_size((h, w))} (HxW) is not square; the model was trained on {trained} images"
+        if min(h, w) > MAX_UPSCALE_FROM * max(self.input_size):
+            return f"{format_size((h, w))} is much larger than the {trained} images the model was trained on"
         return None
 
     def p_fake(self, images: np.ndarray) -> np.ndarray:
@@ -119,15 +120,14 @@ def _sniff_image(data: bytes) -> bool:
 def iter_items(inputs: Iterable[str], *, stdin: Callable[[], bytes] | None = None,
                on_skip: Callable[[str], None] | None = None) -> Iterator[Item]:
     """Images from files, folders (recursively: image files and shards), shards (.h5) and
-    '-' (image bytes on stdin, or one path a line)."""
+    '-' (image bytes on stdin, or one path a line; anything else there is a UsageError)."""
     for raw in inputs:
         if raw == "-":
             data = stdin() if stdin else sys.stdin.buffer.read()
             if _sniff_image(data):
                 yield _decoded("-", data)
             else:
-                paths = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
-                yield from iter_items(paths, on_skip=on_skip)
+                yield from iter_items(paths_from_bytes(data, neither="an image"), on_skip=on_skip)
             continue
         path = Path(raw)
         if path.is_dir():

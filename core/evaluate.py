@@ -27,6 +27,7 @@ from .checkpoint import is_onnx
 from .errors import BadCheckpointError, UsageError
 from .metrics import classification_metrics
 from .shards import ORIGIN_NAMES, ShardSet
+from .text import format_classes, format_size
 
 TARGETS = ("auto", "class", "origin", "origin+class")
 MODEL_SUFFIXES = (".pt", ".pth", ".th", ".onnx", ".ckpt", ".bin", ".tar")
@@ -92,12 +93,6 @@ def auto_target(model_classes: Sequence[str], data_classes: Sequence[str]) -> st
     return "class"
 
 
-def _short(names: Sequence[str], limit: int = 12) -> str:
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return "[" + shown + (f", ... {len(names) - limit} more" if len(names) > limit else "") + "]"
-
-
 def class_mapping(model_classes: Sequence[str], data_classes: Sequence[str], *, map_classes: bool,
                   model_name: str, data_name: str) -> np.ndarray:
     """Index in the model's outputs of each dataset class (-1: the model lacks it).
@@ -109,15 +104,16 @@ def class_mapping(model_classes: Sequence[str], data_classes: Sequence[str], *, 
     if not map_classes:
         same = set(model_classes) == set(data_classes)
         raise BadCheckpointError(
-            f"{model_name}: model classes {_short(model_classes)} differ from {data_name}'s "
-            f"{_short(data_classes)}",
+            f"{model_name}: model classes {format_classes(model_classes)} differ from {data_name}'s "
+            f"{format_classes(data_classes)}",
             "same names in another order: pass --map-classes" if same else
             "pass --map-classes to match classes by name, or --target origin for a real/fake model")
     index = {name: i for i, name in enumerate(model_classes)}
     mapping = np.array([index.get(name, -1) for name in data_classes], dtype=np.int64)
     if (mapping < 0).all():
-        raise BadCheckpointError(f"{model_name}: no class of {data_name} {_short(data_classes)} is among the "
-                                 f"model's {_short(model_classes)}", "--map-classes matches classes by name")
+        raise BadCheckpointError(f"{model_name}: no class of {data_name} {format_classes(data_classes)} is among "
+                                 f"the model's {format_classes(model_classes)}",
+                                 "--map-classes matches classes by name")
     return mapping
 
 
@@ -304,9 +300,8 @@ def evaluate(clf: Classifier, data: ShardSet, *, target: str = "auto", map_class
     data_name = data_name or (str(data.paths[0].parent) if len(data.paths) > 1 else str(data.paths[0]))
     # Foreign files do not record an input size; every zoo model pools globally, so any size runs.
     if data.image_size != tuple(clf.input_size) and clf.meta.get("format") != "foreign":
-        h, w = clf.input_size
-        raise UsageError(f"{clf.path} takes {h}x{w} images, {data_name} has "
-                         f"{data.image_size[0]}x{data.image_size[1]}", "run `fakecifar resize` first")
+        raise UsageError(f"{clf.path} takes {format_size(clf.input_size)} images, {data_name} has "
+                         f"{format_size(data.image_size)}", "run `fakecifar resize` first")
     if attack is not None:
         if attack not in ("pgd-l2",):
             raise UsageError(f"unknown --attack {attack!r}", "available: pgd-l2")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import BadImageError
 
 # Decompression-bomb guard: a 32x32 tool has no business decoding a 10k x 10k image.
-# Checked on the header, before any pixel is decoded.
+# Checked on the header, before any pixel is decoded. This is the one pixel limit: Pillow's
+# own (MAX_IMAGE_PIXELS, higher) is reported in these words too (`too_many_pixels`).
 MAX_PIXELS = 24_000_000
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"})
 
@@ -32,6 +34,8 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():  # a float TIFF holding NaN or infinity has no 8-bit picture
+            raise ValueError("pixel values are NaN or infinite")
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         gray = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
@@ -53,21 +57,32 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
         raise BadImageError(f"{name}: empty file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns above its own (higher) limit; ours, just below, is the one that counts.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise BadImageError(f"{name}: {width}x{height} exceeds the {max_pixels:,}-pixel limit",
-                                    "refusing a possible decompression bomb")
+                raise too_many_pixels(name, f"{height}x{width} = {width * height:,} pixels", max_pixels)
             img.seek(0)
             img.load()
             return to_rgb(img)
     except BadImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses twice its own limit inside Image.open, before the size is ours to read.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        if found and int(found.group(1)) > max_pixels:
+            raise too_many_pixels(name, f"{int(found.group(1)):,} pixels", max_pixels) from exc
+        raise BadImageError(f"{name}: cannot decode ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "not an image" if isinstance(exc, UnidentifiedImageError) else f"cannot decode ({exc})"
         raise BadImageError(f"{name}: {reason}") from exc
+
+
+def too_many_pixels(name: str, what: str, max_pixels: int = MAX_PIXELS) -> BadImageError:
+    """The refusal of an image over the pixel limit, in the same words wherever it is met."""
+    return BadImageError(f"{name}: {what}, over the {max_pixels:,}-pixel limit",
+                         "refusing a possible decompression bomb")
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 from .errors import BadImageError, UsageError
 from .images import decode_image, is_image_name, resize_image
 from .shards import ORIGIN_NAMES, ShardSeriesWriter, pixel_sha256, producer
+from .text import format_classes
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAKE_NAME = re.compile(r"^\d+(?: \((\d+)\))?\.\w+$")
@@ -224,7 +225,7 @@ def _resolve_classes(plans: list[Plan], given: list[str] | None) -> list[str]:
     classes = given or (defined[0] if defined else found)
     missing = [n for n in found if n not in classes]
     if missing:
-        raise UsageError(f"class folder(s) {missing[:5]} not in the class list {classes[:10]}",
+        raise UsageError(f"class folder(s) {format_classes(missing)} not in the class list {format_classes(classes)}",
                          "add them to --classes or remove the folders")
     return classes
 

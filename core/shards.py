@@ -31,6 +31,7 @@ import numpy as np
 from . import __version__
 from .manifest import DatasetOutput, check_dataset_dir, check_listed_shard, read_manifest
 from .errors import BadShardError, IncompatibleShardsError, OutputError, OutputExistsError, UsageError, write_error
+from .text import format_classes
 
 FORMAT = "fakecifar-shard"
 VERSION = 1
@@ -575,7 +576,8 @@ class ShardSet:
         for shard in self.shards[1:]:
             if shard.classes != first.classes:
                 raise IncompatibleShardsError(
-                    f"{shard.path}: classes {_short(shard.classes)} differ from {first.path}'s {_short(first.classes)}",
+                    f"{shard.path}: classes {format_classes(shard.classes)} differ from {first.path}'s "
+                    f"{format_classes(first.classes)}",
                     "give shards of one dataset, or re-import with the same --classes")
             if shard.image_size != first.image_size:
                 raise IncompatibleShardsError(
@@ -638,10 +640,6 @@ class ShardSet:
 
 def _image_bytes(shard: Shard) -> int:
     return shard.image_size[0] * shard.image_size[1] * 3
-
-
-def _short(classes: list[str]) -> str:
-    return json.dumps(classes if len(classes) <= 4 else classes[:3] + ["..."])
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], *, allow_incomplete: bool = False) -> list[Path]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .shards import ShardSeriesWriter, ShardSet, pixel_sha256, prepare_output_dir, producer, provenance_of
+from .shards import ShardSeriesWriter, ShardSet, open_dataset_output, pixel_sha256, producer, provenance_of
 
 
 def parse_ratio(ratio: str | None, val: float | None) -> float:
@@ -60,10 +60,32 @@ def assign_val(strata: np.ndarray, groups: np.ndarray, fraction: float, seed: in
 def split_dataset(data: ShardSet, out_dir: str | Path, *, fraction: float, seed: int = 0,
                   shard_size: int = 10_000, overwrite: bool = False,
                   on_shard: Callable[[Path], None] | None = None) -> SplitReport:
-    """Write OUT/train/*.h5 and OUT/val/*.h5. Strata are (class, origin); order is kept."""
+    """Write OUT/train/*.h5 and OUT/val/*.h5. Strata are (class, origin); order is kept.
+
+    Each side is a dataset with its own manifest; a re-run with the same arguments after an
+    interruption keeps each side's finished shards and writes only the rest."""
     out = Path(out_dir)
-    train_dir = prepare_output_dir(out / "train", overwrite=overwrite)
-    val_dir = prepare_output_dir(out / "val", overwrite=overwrite)
+    if shard_size < 1:
+        raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
+    params = {"inputs": [str(p.resolve()) for p in data.paths], "val_fraction": round(fraction, 6), "seed": seed,
+              "shard_size": shard_size}
+    sides = {}
+    try:
+        for part in ("train", "val"):
+            sides[part] = open_dataset_output(out / part, command="split", params={**params, "part": part},
+                                              overwrite=overwrite)
+        report = _split_into(data, sides, fraction=fraction, seed=seed, shard_size=shard_size, on_shard=on_shard)
+    except BaseException:
+        for side in sides.values():
+            side.close(failed=True)
+        raise
+    for side in sides.values():
+        side.close()
+    return report
+
+
+def _split_into(data: ShardSet, sides: dict, *, fraction: float, seed: int, shard_size: int,
+                on_shard: Callable[[Path], None] | None) -> SplitReport:
     labels = data.read("labels").astype(np.int64)
     origin = data.read("origin").astype(np.int64) if "origin" in data.columns else np.zeros_like(labels)
     if "sha256" in data.columns:
@@ -73,28 +95,40 @@ def split_dataset(data: ShardSet, out_dir: str | Path, *, fraction: float, seed:
     _, groups = np.unique(digests, return_inverse=True)
     is_val = assign_val(labels * 256 + origin, groups, fraction, seed)
     report = SplitReport(duplicate_groups=int(len(groups) - len(np.unique(groups))))
+    report.train_images, report.val_images = int((~is_val).sum()), int(is_val.sum())
     chain = provenance_of(data.shards) + [{"step": "split", "val_fraction": round(fraction, 6), "seed": seed,
                                             "inputs": [str(p) for p in data.paths]}]
-    common = dict(shard_size=shard_size, classes=data.classes, image_size=data.image_size,
-                  producer=producer("split"), overwrite=overwrite, on_shard=on_shard)
-    train = ShardSeriesWriter(train_dir, provenance=chain + [{"part": "train"}], **common)
-    val = ShardSeriesWriter(val_dir, provenance=chain + [{"part": "val"}], **common)
+    writers, done = {}, {}
+    for part, side in sides.items():
+        done[part] = side.finished_images  # rows of this side an interrupted run already wrote
+        if on_shard:
+            for path in side.finished_paths:
+                on_shard(path)
+        if not side.already_complete:
+            writers[part] = ShardSeriesWriter(side.directory, shard_size=shard_size, classes=data.classes,
+                                              image_size=data.image_size, producer=producer("split"),
+                                              overwrite=side.overwrite, on_shard=on_shard, dataset=side,
+                                              provenance=chain + [{"part": part}])
     try:
+        taken = {"train": 0, "val": 0}  # rows of each side seen so far in input order
         for start, chunk in data.iter_chunks(data.columns):
             mask = is_val[start:start + len(chunk["images"])]
-            for writer, rows in ((train, ~mask), (val, mask)):
-                if rows.any():
-                    part = {k: v[rows] for k, v in chunk.items()}
-                    writer.add_batch(part.pop("images"), part.pop("labels"), **part)
-        report.train, report.val = train.close(), val.close()
+            for part, rows in (("train", ~mask), ("val", mask)):
+                index = np.nonzero(rows)[0]
+                skip = max(0, min(len(index), done[part] - taken[part]))
+                taken[part] += len(index)
+                index = index[skip:]
+                if len(index) and part in writers:
+                    piece = {k: v[index] for k, v in chunk.items()}
+                    writers[part].add_batch(piece.pop("images"), piece.pop("labels"), **piece)
+        for writer in writers.values():
+            writer.close()
     except BaseException:
-        train.abort()
-        val.abort()
+        for writer in writers.values():
+            writer.abort()
         raise
-    report.train_images, report.val_images = int((~is_val).sum()), int(is_val.sum())
-    if overwrite:
-        from .shards import remove_stale_shards
-
-        remove_stale_shards(train_dir, report.train)
-        remove_stale_shards(val_dir, report.val)
+    for part, side in sides.items():
+        if not side.already_complete:
+            side.finish(classes=data.classes, image_size=data.image_size)
+    report.train, report.val = sides["train"].finished_paths, sides["val"].finished_paths
     return report

@@ -18,7 +18,11 @@ state); `state_dict` is always the deliverable (best on validation loss with `va
 or last weights). Everything in it loads with `torch.load(weights_only=True)`.
 
 Failures are typed: `TrainingDiverged` (NaN/inf loss: exit 1, the checkpoint on disk is the last
-good one) and `TrainingInterrupted` (SIGINT: state saved, exit 130, the message says how to resume).
+good one), `TrainingInterrupted` (SIGINT or SIGTERM: state saved, exit 130 or 143, the message says
+how to resume) and `NoSpaceError` (the disk filled up: exit 1, the checkpoint on disk is the last
+one saved, no `.partial` is left). `check_outputs` refuses what can be refused without the data
+(outputs that exist, cannot be written or have too long a name; a resume of another architecture);
+`train` calls it first, and the CLI calls it before opening any shard.
 """
 
 from __future__ import annotations
@@ -44,11 +48,13 @@ from torch import nn
 from . import __version__
 from .augment import augment_batch, parse_augment, step_generator
 from .checkpoint import _torch_load, export_onnx, load_checkpoint, save_checkpoint
-from .errors import BadCheckpointError, FakecifarError, OutputError, OutputExistsError, UsageError
+from .errors import BadCheckpointError, FakecifarError, OutputExistsError, UsageError, write_error
 from .evaluate import check_target, make_targets, needed_columns, resolve_device, target_classes
 from .loader import BatchLoader
 from .models import MODELS, build_model, resolve_name
+from .outputs import check_output_path
 from .shards import ShardSet
+from .text import format_classes
 
 SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -61,9 +67,15 @@ class TrainingDiverged(FakecifarError):
 
 
 class TrainingInterrupted(FakecifarError):
-    """SIGINT (Ctrl-C) during training: the state was saved; exit 130 like any interrupted tool."""
+    """SIGINT (Ctrl-C) or SIGTERM during training: the state was saved; exit 130 (SIGINT) or 143
+    (SIGTERM), 128 + the signal, like any interrupted tool."""
 
     exit_code = 130
+
+    def __init__(self, message: str, hint: str | None = None, *, signum: int = signal.SIGINT):
+        super().__init__(message, hint)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -353,34 +365,103 @@ class TrainResult:
 
 
 class _StopFlag:
-    """SIGINT sets a flag the loop checks between steps (a half-done step is never saved);
-    a second Ctrl-C raises KeyboardInterrupt at once."""
+    """SIGINT and SIGTERM set a flag the loop checks between steps (a half-done step is never
+    saved) and remember which signal came; a second one stops at once (KeyboardInterrupt, or
+    errors.Terminated for SIGTERM)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.set = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:
         if self.set:
+            if signum == signal.SIGTERM:
+                from .errors import Terminated
+
+                raise Terminated()
             raise KeyboardInterrupt
         self.set = True
+        self.signum = signum
+
+    def interrupted(self, message: str, output: Path) -> TrainingInterrupted:
+        """The error to raise once the state is saved: `message` says where the run stopped."""
+        signum = self.signum or signal.SIGINT
+        verb = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        return TrainingInterrupted(f"{verb} {message}; state saved to {output}",
+                                   f"continue with: fakecifar train --resume {output}", signum=signum)
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old.clear()
 
 
-def _check_output(path: Path, *, overwrite: bool, allowed: Sequence[Path] = ()) -> None:
+def _check_output(path: Path, *, overwrite: bool, allowed: Sequence[Path] = (), option: str = "-o",
+                  temp_suffix: str = ".partial", probe: bool = True) -> None:
+    """Refuse a name too long, a directory, an existing `path` (unless `overwrite` or it is one
+    of `allowed`), a place that cannot be written (with `probe`, a probe file is created and
+    removed: only the process that writes probes, rank 0 under DDP)."""
+    check_output_path(path, temp_suffix=temp_suffix, option=option, probe=False)
     if path.exists() and not overwrite and path.resolve() not in {p.resolve() for p in allowed}:
         raise OutputExistsError(f"{path} already exists", "pass --overwrite to replace it, or --resume it")
-    if path.exists() and path.is_dir():
-        raise UsageError(f"{path} is a directory", "give -o a file name such as model.pt")
+    if probe:
+        check_output_path(path, temp_suffix=temp_suffix, option=option)
+
+
+def check_outputs(
+    output: str | os.PathLike,
+    config: TrainConfig,
+    *,
+    resume: str | os.PathLike | None = None,
+    onnx: bool = False,
+    overwrite: bool = False,
+    log_path: str | os.PathLike | None = None,
+    dist: Dist | None = None,
+) -> None:
+    """Every refusal that needs no training data, so that it comes before any data is read:
+    `-o` named .onnx, an existing output without `overwrite`, a directory, a name or path too
+    long, an unwritable place (tested with a probe file, not os.access, which says yes to root
+    everywhere), a `--log` that cannot be written, a `resume` checkpoint of another
+    architecture than `config.model`. Creates nothing. `train` calls it first."""
+    dist = dist or dist_from_env()
+    output = Path(output)
+    resume_path = Path(resume) if resume else None
+    if output.suffix == ".onnx":
+        raise UsageError(f"-o {output}: name the .pt checkpoint", "--onnx writes the .onnx beside it")
+    allowed = [resume_path] if resume_path else []
+    _check_output(output, overwrite=overwrite, allowed=allowed, probe=dist.main)
+    if onnx:
+        _check_output(output.with_suffix(".onnx"), overwrite=overwrite or resume_path is not None,
+                      probe=dist.main)
+    if log_path:
+        log_path = Path(log_path)
+        # A resumed run appends to its log; a new one refuses to clobber one.
+        _check_output(log_path, overwrite=overwrite or resume_path is not None, option="--log", temp_suffix="",
+                      probe=dist.main)
+        if dist.main and log_path.is_file():
+            try:  # appending nothing changes nothing, and is the honest test (os.access lies to root)
+                open(log_path, "a").close()
+            except OSError as exc:
+                raise write_error(exc, log_path) from exc
+    if resume_path:
+        _, meta = load_checkpoint(resume_path)
+        _check_arch(resume_path, meta, config)
+
+
+def _check_arch(path: Path, meta: Mapping[str, Any], config: TrainConfig) -> None:
+    if meta["arch"] != config.model:
+        raise UsageError(f"{path}: checkpoint is a {meta['arch']}, not a {config.model}",
+                         f"resume with --model {meta['arch']} (or drop --model)")
 
 
 # ----------------------------------------------------------------------------- training
@@ -409,14 +490,7 @@ def train(
     log_path = Path(log_path) if log_path else None
 
     # ---- everything that can be refused is refused before any work or any write
-    if output.suffix == ".onnx":
-        raise UsageError(f"-o {output}: name the .pt checkpoint", "--onnx writes the .onnx beside it")
-    allowed = [resume_path] if resume_path else []
-    _check_output(output, overwrite=overwrite, allowed=allowed)
-    if onnx_path:
-        _check_output(onnx_path, overwrite=overwrite or resume_path is not None)
-    if log_path and not resume_path:
-        _check_output(log_path, overwrite=overwrite)
+    check_outputs(output, config, resume=resume_path, onnx=onnx, overwrite=overwrite, log_path=log_path, dist=dist)
     state: dict[str, Any] = {}
     stored_meta: dict[str, Any] | None = None
     if resume_path:
@@ -432,8 +506,9 @@ def train(
                              f"training {data.image_size[0]}x{data.image_size[1]}", "resize one of them")
     classes = target_classes(data.classes, config.target)
     if stored_meta is not None and stored_meta["classes"] != classes:
-        raise BadCheckpointError(f"{resume_path}: checkpoint classes {stored_meta['classes'][:6]} differ from the "
-                                 f"training data's {classes[:6]}", "resume on the data it was trained on")
+        raise BadCheckpointError(f"{resume_path}: checkpoint classes {format_classes(stored_meta['classes'])} differ "
+                                 f"from the training data's {format_classes(classes)}",
+                                 "resume on the data it was trained on")
     use_soft = config.soft is not None
     if use_soft:
         if "logits" not in data.columns:
@@ -449,15 +524,12 @@ def train(
             log_path.parent.mkdir(parents=True, exist_ok=True)
             open(log_path, "a" if resume_path else "w").close()
         except OSError as exc:
-            raise OutputError(f"cannot write --log {log_path}: {exc.strerror or exc}", "choose a writable path") from exc
+            raise write_error(exc, log_path) from exc
     if dist.main:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create {output.parent}: {exc.strerror or exc}",
-                              "choose a writable -o") from exc
-        if not os.access(output.parent, os.W_OK | os.X_OK):
-            raise OutputError(f"{output.parent} is not writable", "choose a writable -o")
+            raise write_error(exc, output) from exc
 
     # ---- rows, targets, normalization
     columns = tuple(dict.fromkeys((*needed_columns(config.target), *(("logits",) if use_soft else ()))))
@@ -551,6 +623,9 @@ def train(
     start_epoch = int(state.get("epoch", 0))
     skip_steps = int(state.get("step", 0))
     global_step = int(state.get("global_step", start_epoch * steps_per_epoch + skip_steps))
+    # The sums of the steps done before a mid-epoch interruption, so that the resumed epoch's
+    # record covers the whole epoch (rank 0 carries them: they were summed over processes).
+    carried: dict[str, Any] = dict(state.get("epoch_partial") or {}) if skip_steps and dist.main else {}
     best = {"val_loss": None, "epoch": None, "state": None}
     if val is not None:  # without validation now, a best state from before would freeze the weights
         best = {"val_loss": state.get("best_val_loss"), "epoch": state.get("best_epoch"),
@@ -575,11 +650,13 @@ def train(
             return best["state"]
         return {k: v.detach().cpu().clone() for k, v in eval_model().state_dict().items()}
 
-    def save(epoch_done: int, step_in_epoch: int, stopped: str) -> None:
+    def save(epoch_done: int, step_in_epoch: int, stopped: str, partial: dict | None = None) -> None:
+        """Write the checkpoint (rank 0). `partial`: the loss/accuracy sums of the steps done in an
+        interrupted epoch (loss_sum, correct, seen, time_s), for its record after the resume."""
         if not dist.main:
             return
         resume_state = {
-            "epoch": epoch_done, "step": step_in_epoch, "global_step": global_step,
+            "epoch": epoch_done, "step": step_in_epoch, "global_step": global_step, "epoch_partial": partial,
             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "ema": {k: v.detach().cpu().clone() for k, v in ema.model.state_dict().items()} if ema else None,
@@ -605,9 +682,11 @@ def train(
             model.train()
             loader.set_epoch(epoch)
             epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.float64, device=device)
-            seen = 0
+            before = carried if epoch == start_epoch else {}
+            loss_sum = torch.tensor(float(before.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
+            correct = torch.tensor(float(before.get("correct", 0.0)), dtype=torch.float64, device=device)
+            seen_before, time_before = int(before.get("seen", 0)), float(before.get("time_s", 0.0))
+            seen = 0  # images of this epoch trained by this run (the speed is measured on them)
             step = 0
             for step_index, batch in enumerate(loader):
                 if step_index < skip_steps:
@@ -653,19 +732,27 @@ def train(
                 if nan_now:
                     raise _diverged(output, epoch, step, last_saved_epoch, dist)
                 if stop_now:
-                    save(epoch, step, "interrupted")
+                    sums = torch.stack([loss_sum, correct, torch.tensor(float(seen + seen_before), dtype=torch.float64,
+                                                                        device=device)])
+                    if dist.enabled:
+                        import torch.distributed as tdist
+
+                        tdist.all_reduce(sums)
+                    loss_total, correct_total, seen_total = sums.tolist()
+                    save(epoch, step, "interrupted",
+                         partial={"loss_sum": loss_total, "correct": correct_total, "seen": int(seen_total),
+                                  "time_s": time_before + time.perf_counter() - epoch_start})
                     _finish_dist(dist)
-                    raise TrainingInterrupted(
-                        f"interrupted in epoch {epoch + 1}/{config.epochs} after step {step}/{steps_per_epoch}; "
-                        f"state saved to {output}",
-                        f"continue with: fakecifar train --resume {output}")
+                    raise stop.interrupted(f"in epoch {epoch + 1}/{config.epochs} after step {step}/{steps_per_epoch}",
+                                           output)
                 if on_step:
                     on_step(len(x))
             skip_steps = 0
             if not torch.isfinite(loss_sum):
                 raise _diverged(output, epoch, step, last_saved_epoch, dist)
             train_time = time.perf_counter() - epoch_start
-            stats = torch.tensor([loss_sum.item(), correct.item(), float(seen)], dtype=torch.float64, device=device)
+            stats = torch.tensor([loss_sum.item(), correct.item(), float(seen + seen_before), float(seen)],
+                                 dtype=torch.float64, device=device)
             if dist.enabled:
                 import torch.distributed as tdist
 
@@ -674,7 +761,7 @@ def train(
                                       "train_loss": stats[0].item() / max(stats[2].item(), 1),
                                       "train_acc": stats[1].item() / max(stats[2].item(), 1),
                                       "lr": optimizer.param_groups[0]["lr"],
-                                      "images_per_s": stats[2].item() / max(train_time, 1e-9)}
+                                      "images_per_s": stats[3].item() / max(train_time, 1e-9)}
             if val_loader is not None:
                 val_loss, val_acc = _validate(eval_model(), val_loader, config, len(val.classes), amp_dtype, device, dist)
                 record.update({"val_loss": val_loss, "val_acc": val_acc})
@@ -686,22 +773,26 @@ def train(
                     bad_epochs = 0
                 else:
                     bad_epochs += 1
-            record["time_s"] = time.perf_counter() - epoch_start
+            record["time_s"] = time_before + time.perf_counter() - epoch_start
             record["elapsed_s"] = elapsed_before + time.perf_counter() - run_start
             history.append(record)
             done = epoch + 1
             early = config.patience is not None and val_loader is not None and bad_epochs >= config.patience
             if early:
                 stopped = "early-stop"
-            save(done, 0, stopped if (early or done == config.epochs) else "running")
+            # A signal during validation or the save stops here, at the epoch boundary.
+            halt = not early and done < config.epochs and _any_rank(stop.set, device, dist)
+            save(done, 0, stopped if (early or done == config.epochs) else "interrupted" if halt else "running")
             last_saved_epoch = done
             if dist.main and log_path:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                _append_line(log_path, json.dumps(record))
             if on_epoch and dist.main:
                 on_epoch(record)
             if early:
                 break
+            if halt:
+                _finish_dist(dist)
+                raise stop.interrupted(f"after epoch {done}/{config.epochs}", output)
 
     written_onnx = None
     if onnx_path is not None and dist.main:
@@ -709,6 +800,35 @@ def train(
         written_onnx = export_onnx(final, final_meta, onnx_path)
     _finish_dist(dist)
     return TrainResult(output if dist.main else None, written_onnx, history, config, classes, stopped, best["epoch"])
+
+
+def _any_rank(flag: bool, device: torch.device, dist: Dist) -> bool:
+    """`flag` on any process (every process must call it: all decide together)."""
+    if not dist.enabled:
+        return bool(flag)
+    import torch.distributed as tdist
+
+    t = torch.tensor(float(flag), dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return t.item() > 0
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line to a log; on failure (a full disk) cut the file back to its earlier lines,
+    so that it never ends in half a record, and raise the typed error."""
+    size = None
+    try:
+        with open(path, "a") as fh:
+            size = fh.tell()
+            fh.write(line + "\n")
+            fh.flush()
+    except OSError as exc:
+        if size is not None:
+            try:
+                os.truncate(path, size)
+            except OSError:
+                pass
+        raise write_error(exc, path) from exc
 
 
 def _batch_targets(cols: dict[str, torch.Tensor], target: str, num_classes: int) -> torch.Tensor:
@@ -780,9 +900,7 @@ def _finish_dist(dist: Dist) -> None:
 def _load_resume(path: Path, config: TrainConfig) -> tuple[dict, dict]:
     """(metadata, resume state) of a checkpoint to continue; refuses another architecture."""
     _, meta = load_checkpoint(path)
-    if meta["arch"] != config.model:
-        raise UsageError(f"{path}: checkpoint is a {meta['arch']}, not a {config.model}",
-                         f"resume with --model {meta['arch']} (or drop --model)")
+    _check_arch(path, meta, config)
     raw = _torch_load(path, "cpu")
     state = raw.get("resume") if isinstance(raw, Mapping) else None
     if not isinstance(state, Mapping) or "model" not in state:

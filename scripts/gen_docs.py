@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 
 import typer.main
-from typer._click.core import Context
+from typer import Context
+
+# Private, but the only way to get typer's completion scripts as text (present in every typer
+# that pyproject.toml allows, >= 0.26).
 from typer._completion_shared import get_completion_script
 
 from fakecifar import __version__
@@ -32,6 +35,19 @@ def roff(text: str) -> str:
     for line in text.replace("\\", "\\e").splitlines():
         lines.append("\\&" + line if line.startswith((".", "'")) else line)
     return "\n".join(lines)
+
+
+def description(text: str) -> str:
+    """The help text as roff: a paragraph that click keeps verbatim (first line `\\b`) is set
+    without filling, as `--help` shows it."""
+    out = []
+    for paragraph in text.split("\n\n"):
+        lines = paragraph.split("\n")
+        if lines[0].strip() == "\b":
+            out.append(".nf\n" + roff("\n".join(lines[1:])) + "\n.fi")
+        else:
+            out.append(roff(paragraph))
+    return "\n\n".join(out)
 
 
 def first_sentence(text: str) -> str:
@@ -53,7 +69,7 @@ def man_page(name: str, command, synopsis: str, see_also: list[str]) -> str:
     out = [f'.TH "{title}" "1" "" "fakecifar {__version__}" "fakecifar manual"',
            ".SH NAME", f"{name} \\- {roff(summary)}",
            ".SH SYNOPSIS", f".B {synopsis.split(' ', 1)[0]}", roff(synopsis.split(" ", 1)[1]) if " " in synopsis else "",
-           ".SH DESCRIPTION", roff(help_text)]
+           ".SH DESCRIPTION", description(help_text)]
     ctx = Context(command, info_name=name)
     params = [p for p in command.params if p.name not in ("install_completion", "show_completion")]
     args = [p for p in params if p.param_type_name == "argument"]

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real shards and image folders in tmp dirs, and a CLI driver that runs
-the real `fakecifar` entry point in-process with stdout and stderr kept apart."""
+the real `fakecifar` entry point in-process with stdout and stderr kept apart. Helpers that
+tests import (constants, `cli_in_fresh_process`, `random_images`, ...) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -9,40 +10,14 @@ import os
 # timings erratic. Set before any test module imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import io  # noqa: E402
-import json
-import subprocess
+import io
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_DATA = SHARED / "data"
-SHARED_MODELS = SHARED / "models"
-CLASSES3 = ["cat", "dog", "frog"]
-
-needs_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / "cifar10-train-jpg.tar.gz").exists(),
-    reason=f"real data not found at {SHARED_DATA} (only beside the project's development checkout)")
-
-
-@dataclass
-class Result:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def lines(self) -> list[str]:
-        return [line for line in self.stdout.splitlines() if line]
-
-    def json_lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.lines]
+from helpers import CLASSES3, Result, random_images, write_image
 
 
 @pytest.fixture
@@ -64,64 +39,25 @@ def cli(capsys, monkeypatch):
     return run
 
 
-HEAVY_MODULES = ("torch", "torchvision", "onnxruntime", "numpy", "h5py")
-
-
-@dataclass
-class FreshRun(Result):
-    imported: list[str]  # which of HEAVY_MODULES the command loaded
-
-
-def cli_in_fresh_process(*args) -> FreshRun:
-    """Run `fakecifar ARGS...` in a new interpreter and report which heavy modules it imported:
-    the light paths (--help, detect/eval on .onnx) must not pay for torch."""
-    code = ("import json, sys\nfrom fakecifar.cli.app import main\n"
-            f"try:\n    main({[str(a) for a in args]!r})\nexcept SystemExit as e:\n    code = e.code\n"
-            f"print(json.dumps([code, [m for m in {HEAVY_MODULES!r} if m in sys.modules]]), file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    *messages, report = proc.stderr.splitlines() or [""]
-    try:
-        exit_code, imported = json.loads(report)
-    except ValueError:
-        raise AssertionError(f"the command did not finish:\n{proc.stderr}") from None
-    return FreshRun(int(exit_code or 0), proc.stdout, "\n".join(messages), imported)
-
-
-def one_error_line(result: Result, *needles: str, command: str, last: bool = False) -> None:
-    """The error is one line `fakecifar COMMAND: error: ...` naming every needle. `last`: it
-    ends stderr (commands like train print progress lines before it); else it is all of it."""
-    lines = result.stderr.strip().splitlines()
-    assert lines and (last or len(lines) == 1), result.stderr
-    assert lines[-1].startswith(f"fakecifar {command}: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
-
-
-def random_images(n: int, size: tuple[int, int] = (8, 8), seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, *size, 3), dtype=np.uint8)
-
-
 @pytest.fixture
 def make_shard(tmp_path):
-    """Write a real shard: make_shard('a.h5', n=10, size=(8, 8), classes=CLASSES3, **columns)."""
+    """Write a real shard: make_shard('a.h5', n=10, size=(8, 8), classes=CLASSES3, **columns).
+    The directory's manifest then lists every shard in it (`manifest=False`: left as it was)."""
+    from fakecifar.manifest import describe_directory
     from fakecifar.shards import ShardWriter, pixel_sha256
 
     def make(name="shard.h5", n=12, size=(8, 8), classes=CLASSES3, seed=0, images=None, labels=None,
-             directory=None, **columns) -> Path:
+             directory=None, manifest=True, **columns) -> Path:
         path = Path(directory or tmp_path) / name
         images = random_images(n, size, seed) if images is None else images
         labels = np.arange(len(images)) % max(1, len(classes)) if labels is None else labels
         with ShardWriter(path, classes=classes, image_size=images.shape[1:3], producer="test") as w:
             w.add_batch(images, labels, sha256=pixel_sha256(images), **columns)
+        if manifest:
+            describe_directory(path.parent, command="test fixture")
         return path
 
     return make
-
-
-def write_image(path: Path, array: np.ndarray, fmt: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format=fmt)
-    return path
 
 
 @pytest.fixture
@@ -132,3 +68,71 @@ def image_folder(tmp_path):
     for i, img in enumerate(images):
         write_image(root / CLASSES3[i % 3] / f"{i:04d}.png", img)
     return root
+
+
+# ----------------------------------------------------------------------------- full disks
+
+
+@pytest.fixture
+def tmpfs_dir(tmp_path):
+    """Factory: `tmpfs_dir(size="2m", readonly=False)` mounts a fresh tmpfs of that size under
+    tmp_path and returns its directory; each is unmounted at teardown. Skips the test, with the
+    reason, where mounting is impossible (not root, no CAP_SYS_ADMIN, no mount binary)."""
+    import shutil
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str = "2m", readonly: bool = False) -> Path:
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("cannot mount a small filesystem: no `mount` command")
+        options = f"size={size}" + (",ro" if readonly else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = (proc.stderr or proc.stdout).strip() or f"exit {proc.returncode}"
+            pytest.skip(f"cannot mount a {size} tmpfs (needs root or CAP_SYS_ADMIN): {reason}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def full_disk_dir(tmpfs_dir):
+    """An empty directory on its own 2 MiB tmpfs: a disk that really fills up (ENOSPC). Fill it
+    with the `fill_disk` fixture, `fill_disk(full_disk_dir, leave=N)`, to leave about N bytes
+    free. Skips where it cannot be mounted; for those machines, also inject OSError(ENOSPC) in a
+    test that needs no mount."""
+    return tmpfs_dir("2m")
+
+
+@pytest.fixture
+def fill_disk():
+    """`fill_disk(directory, leave=0)`: write `directory/filler` until its filesystem has about
+    `leave` bytes free (to a page; 0: not one byte). Returns the filler's path."""
+    import errno
+
+    def fill(directory: Path, leave: int = 0, name: str = "filler") -> Path:
+        path = Path(directory) / name
+        stats = os.statvfs(directory)
+        page = stats.f_frsize or 4096
+        want = max(0, stats.f_bavail * stats.f_frsize - leave) // page * page
+        block = b"\0" * (1 << 20)
+        with open(path, "ab", buffering=0) as fh:  # unbuffered: nothing left to fail on close
+            try:
+                while want > 0:
+                    want -= fh.write(block[:min(want, len(block))])
+                while leave == 0:  # to the last byte
+                    fh.write(b"\0" * page)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        return path
+
+    return fill

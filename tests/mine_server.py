@@ -10,7 +10,8 @@ client that sends the wrong fields gets a 400 as it would in production):
     hf       POST /models/<owner>/<name>   -> raw PNG bytes; 503 {"estimated_time"} while loading
 
 Knobs (all mutable while it runs): latency, images per call, image size and format, a hard
-rate limit (token bucket; 429 above it, with or without Retry-After), an API key, and a list
+rate limit (429 above it, with or without Retry-After: a token bucket with a second of burst,
+or a strict sliding window of 1 s), an API key, and a list
 of faults consumed one per request: "500" "502" "503" "504" "524" "408" "429" "429-nora"
 "html403" "html503" "html200" "truncated" "slow" "reset" "badb64" "allbad" "badjson" "empty"
 "quota" "401" "400" "loading" "huge". Every image it serves successfully is unique (unless
@@ -18,7 +19,7 @@ asked for duplicates) and its pixel sha256 is recorded, so a client can be check
 and duplicated images.
 
 Standalone (used by bench/bench_mine.py):
-    python tests/mine_server.py --api craiyon --latency 2 --images 9 --rate-limit 5
+    python tests/mine_server.py --api craiyon --latency 2 --images 9 --rate-limit 5 [--limiter window]
 prints its base URL on stdout; GET /_stats returns the counters as JSON.
 """
 
@@ -33,6 +34,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -55,7 +57,10 @@ class ServerConfig:
     size: int = 16  # side of the images when the request does not say
     alt_size: int | None = None  # craiyon: every second call answers images of this side instead
     fmt: str | None = None  # jpeg | png | webp; None: craiyon jpeg, others png
-    rate_limit: float | None = None  # requests/s, token bucket with a burst of max(1, rate)
+    rate_limit: float | None = None  # requests/s (see limiter)
+    # "bucket": token bucket with a burst of max(1, rate); "window": at most rate_limit requests
+    # in any 1 s sliding window (those that arrived after now - 1 s), the strictest common kind
+    limiter: str = "bucket"
     retry_after: str | None = None  # Retry-After value on rate-limit 429s (None: no header)
     retry_after_ms: str | None = None  # retry-after-ms value (OpenAI style)
     api_key: str | None = None  # required Bearer key (openai/hf); a1111 takes "user:pass" as Basic
@@ -84,6 +89,38 @@ class _Bucket:
             return False
 
 
+class _SlidingWindow:
+    """At most `limit` accepted requests with an arrival time in (now - window, now]: a
+    sliding log, as strict gateways keep one. Refused requests do not count against it."""
+
+    def __init__(self, rate: float, window: float = 1.0):
+        if rate * window < 1 or rate * window != int(rate * window):
+            raise ValueError(f"a sliding window needs a whole number of requests per window, got {rate * window}")
+        self.rate, self.window, self.limit = rate, window, int(rate * window)
+        self.accepted: deque[float] = deque()
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            while self.accepted and self.accepted[0] <= now - self.window:
+                self.accepted.popleft()
+            if len(self.accepted) >= self.limit:
+                return False
+            self.accepted.append(now)
+            return True
+
+
+def _limiter(kind: str, rate: float | None):
+    if not rate:
+        return None
+    if kind == "bucket":
+        return _Bucket(rate)
+    if kind == "window":
+        return _SlidingWindow(rate)
+    raise ValueError(f"unknown limiter {kind!r}")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # many clients connect at once when a run starts
@@ -110,7 +147,8 @@ class MineServer:
         self.image_counter = 0
         self.calls = 0  # generation calls answered normally
         self.ok_times: list[float] = []  # when each successful answer was sent (monotonic)
-        self._bucket = _Bucket(self.config.rate_limit) if self.config.rate_limit else None
+        self.arrivals: list[float] = []  # when each generation request arrived (monotonic), 429s included
+        self._bucket = _limiter(self.config.limiter, self.config.rate_limit)
         handler = type("Handler", (_Handler,), {"srv": self})
         self.httpd = _Server(("127.0.0.1", port), handler)
         self.thread: threading.Thread | None = None
@@ -120,8 +158,10 @@ class MineServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def set_rate_limit(self, rate: float | None) -> None:
-        self._bucket = _Bucket(rate) if rate else None
+    def set_rate_limit(self, rate: float | None, limiter: str | None = None) -> None:
+        self.config.rate_limit = rate
+        self.config.limiter = limiter or self.config.limiter
+        self._bucket = _limiter(self.config.limiter, rate)
 
     def start(self) -> MineServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -143,13 +183,14 @@ class MineServer:
             return {"requests": self.requests, "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                     "served": len(self.served), "served_unique": len(set(self.served)),
                     "faults": list(self.faults_served), "served_sha": list(self.served),
-                    "ok_times": list(self.ok_times)}
+                    "ok_times": list(self.ok_times), "arrivals": list(self.arrivals)}
 
     # ------------------------------------------------------------------ images
 
     def _next_fault(self) -> str | None:
         with self.lock:
             self.requests += 1
+            self.arrivals.append(time.monotonic())
             fault = self.config.faults.pop(0) if self.config.faults else None
             if fault:
                 self.faults_served.append(fault)
@@ -471,11 +512,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--format", dest="fmt", default=None)
     parser.add_argument("--rate-limit", type=float, default=None)
+    parser.add_argument("--limiter", default="bucket", choices=["bucket", "window"])
     parser.add_argument("--retry-after", default=None)
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args()
     config = ServerConfig(api=args.api, latency=args.latency, images=args.images, size=args.size, fmt=args.fmt,
-                          rate_limit=args.rate_limit, retry_after=args.retry_after, api_key=args.api_key)
+                          rate_limit=args.rate_limit, limiter=args.limiter, retry_after=args.retry_after, api_key=args.api_key)
     server = MineServer(config, port=args.port)
     print(server.url, flush=True)
     try:

@@ -374,3 +374,82 @@ def test_onnx_path_does_not_import_torch(exported: tuple[nn.Module, dict, Path])
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------- writes that fail
+
+
+def _keeps(path: Path, before: bytes) -> None:
+    assert path.read_bytes() == before
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_save_on_a_full_disk_is_no_space_error_and_keeps_the_previous_file(full_disk_dir: Path, fill_disk) -> None:
+    """torch.save meets ENOSPC as RuntimeError('... unexpected pos ...'); it becomes NoSpaceError."""
+    from fakecifar.errors import NoSpaceError
+
+    path = save(full_disk_dir / "m.pt", build_model("lenet5", 3), arch="lenet5")
+    before = path.read_bytes()
+    big = build_model("resnet20", 3)  # 1 MB of weights: with the first file, more than 2 MiB
+    with pytest.raises(NoSpaceError) as info:
+        save(path, big, extra={"pad": torch.zeros(300_000)})
+    assert str(info.value) == f"no space left on device writing {path} (free space or choose another -o)"
+    _keeps(path, before)
+    model, meta = load_checkpoint(path)
+    fill_disk(full_disk_dir, leave=64 * 1024)  # lenet5's ONNX is ~250 KB
+    with pytest.raises(NoSpaceError, match="m.onnx"):
+        export_onnx(model, meta, full_disk_dir / "m.onnx")
+    assert not (full_disk_dir / "m.onnx").exists() and not list(full_disk_dir.glob("*.partial"))
+
+
+def test_torch_write_failures_are_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a mount: torch's RuntimeError on a full disk (seen by the free space), on another
+    write failure (a runtime error naming the file, not an internal error), and a RuntimeError
+    that is not about writing (a bug: raised unchanged)."""
+    from fakecifar.errors import FakecifarError, NoSpaceError
+
+    path = save(tmp_path / "m.pt", build_model("lenet5", 3), arch="lenet5")
+    before = path.read_bytes()
+
+    def failing(message: str):
+        def fake_save(obj, fh, *args, **kwargs):
+            fh.write(b"PK\3\4 half a zip")
+            raise RuntimeError(message)
+        return fake_save
+
+    class Statvfs:
+        def __init__(self, free_blocks: int):
+            self.f_bavail, self.f_frsize = free_blocks, 4096
+
+    monkeypatch.setattr(torch, "save", failing("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"))
+    monkeypatch.setattr(os, "statvfs", lambda p: Statvfs(0))
+    with pytest.raises(NoSpaceError, match="no space left on device writing"):
+        save(path, build_model("lenet5", 3), arch="lenet5")
+    _keeps(path, before)
+    monkeypatch.setattr(os, "statvfs", lambda p: Statvfs(10**6))
+    monkeypatch.setattr(torch, "save", failing("PytorchStreamWriter failed writing file data/0: file write failed"))
+    with pytest.raises(FakecifarError) as info:
+        save(path, build_model("lenet5", 3), arch="lenet5")
+    assert type(info.value) is FakecifarError and info.value.exit_code == 1 and str(path) in str(info.value)
+    _keeps(path, before)
+    monkeypatch.setattr(torch, "save", failing("something else broke"))
+    with pytest.raises(RuntimeError, match="something else broke"):
+        save(path, build_model("lenet5", 3), arch="lenet5")
+    _keeps(path, before)
+
+
+def test_injected_enospc_and_eacces_on_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from fakecifar.errors import NoSpaceError
+
+    path = save(tmp_path / "m.pt", build_model("lenet5", 3), arch="lenet5")
+    before = path.read_bytes()
+    for code, kind in ((errno.ENOSPC, NoSpaceError), (errno.EDQUOT, NoSpaceError), (errno.EACCES, OutputError)):
+        def fake_fsync(fd: int, code: int = code) -> None:
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "fsync", fake_fsync)
+        with pytest.raises(kind, match=str(path)):
+            save(path, build_model("lenet5", 3), arch="lenet5")
+        _keeps(path, before)

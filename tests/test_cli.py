@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, cli_in_fresh_process
+from helpers import REPO, cli_in_fresh_process
 
 from fakecifar.cli.app import COMMANDS  # noqa: E402 - every registered command
 

@@ -7,14 +7,14 @@ import io
 
 import numpy as np
 import pytest
-from conftest import CLASSES3
+from helpers import CLASSES3
 
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
-    from conftest import random_images
+    from helpers import random_images
     from fakecifar.shards import ShardWriter, open_shards
     from fakecifar.train import make_config, train
 

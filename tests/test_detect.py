@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli_in_fresh_process, random_images, write_image
+from helpers import cli_in_fresh_process, random_images, write_image
 from fakecifar.detect import DEFAULT_MODEL
 
 
@@ -127,7 +127,7 @@ def test_odd_modes_animated_gif_and_cautions(cli, tiny_models, tmp_path):
     result = cli("detect", "-m", tiny_models / "det.onnx", tmp_path)
     assert result.exit_code == 0, result.stderr
     assert len(result.lines) == 5
-    assert "wide.png: 96x32 is not square" in result.stderr
+    assert "wide.png: 32x96 (HxW) is not square; the model was trained on 32x32 images" in result.stderr
     assert "huge.png: 400x400 is much larger" in result.stderr
 
 

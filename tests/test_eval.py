@@ -11,8 +11,8 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import CLASSES3, SHARED_DATA, SHARED_MODELS, cli_in_fresh_process, needs_shared_data
-from conftest import one_error_line as _one_error_line
+from helpers import CLASSES3, SHARED_DATA, SHARED_MODELS, cli_in_fresh_process, needs_shared_data
+from helpers import one_error_line as _one_error_line
 
 one_error_line = functools.partial(_one_error_line, command="eval")
 
@@ -22,8 +22,9 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A resnet20 trained 3 epochs on 8x8 3-class images, as .pt and .onnx, plus two datasets."""
-    from conftest import random_images
+    from helpers import random_images
     from fakecifar.checkpoint import export_onnx, load_checkpoint
+    from fakecifar.manifest import describe_directory
     from fakecifar.shards import ShardWriter, open_shards
     from fakecifar.train import make_config, train
 
@@ -37,6 +38,7 @@ def trained(tmp_path_factory):
         (root / name).mkdir()
         with ShardWriter(root / name / "s.h5", classes=CLASSES3, image_size=(8, 8), producer="test") as w:
             w.add_batch(images, labels, origin=(np.arange(n) % 2).astype(np.uint8))
+        describe_directory(root / name)
         paths[name] = root / name
     pt = root / "m.pt"
     train(open_shards([paths["a"]]), pt, make_config(model="resnet20", epochs=3, batch_size=10, precision="fp32"))
@@ -163,7 +165,7 @@ def test_unknown_layout_and_code_pickles_are_refused(cli, trained, tmp_path, mon
 
 
 def test_class_mismatch_is_explained_or_mapped(cli, trained, make_shard, tmp_path):
-    from conftest import random_images
+    from helpers import random_images
     from fakecifar.shards import open_shards
 
     src = open_shards([trained["a"]])
@@ -173,7 +175,7 @@ def test_class_mismatch_is_explained_or_mapped(cli, trained, make_shard, tmp_pat
     other = make_shard("reordered.h5", images=images, labels=perm[labels], classes=order)
     r = cli("eval", trained["pt"], "--on", other)
     assert r.exit_code == 2
-    one_error_line(r, "m.pt", "reordered.h5", "[cat, dog, frog]", "[dog, cat, frog]", "--map-classes")
+    one_error_line(r, "m.pt", "reordered.h5", "['cat', 'dog', 'frog'] (3 classes)", "['dog', 'cat', 'frog'] (3 classes)", "--map-classes")
     mapped = cli("eval", trained["pt"], "--on", other, "--map-classes", "--json").json_lines()[0]
     plain = cli("eval", trained["pt"], "--on", trained["a"], "--json").json_lines()[0]
     assert mapped["top1"] == plain["top1"]

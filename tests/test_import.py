@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import CLASSES3, one_error_line, random_images, write_image
+from helpers import CLASSES3, one_error_line, random_images, write_image
 from fakecifar.shards import open_shards
 
 

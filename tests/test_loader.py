@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_images
+from helpers import random_images
 from fakecifar.loader import BatchLoader, ShardImageDataset
 from fakecifar.shards import open_shards
 

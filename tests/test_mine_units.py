@@ -4,10 +4,13 @@ perceptual hash, protocol parsing and classification, secrets, and the folder st
 from __future__ import annotations
 
 import base64
+import bisect
 import io
 import json
 import pickle
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +20,8 @@ from requests.structures import CaseInsensitiveDict
 from fakecifar.errors import UsageError
 from fakecifar.mine import ADAPTERS, ApiOptions, MinerBusyError, MineState, Secret, adapter_class
 from fakecifar.mine.adapters import BadResponse, Job, Response, decode_b64, redact_url
-from fakecifar.mine.pacing import Aimd, TokenBucket, backoff_delay, parse_duration, ratelimit_pause, retry_after
+from fakecifar.mine.pacing import (PACING_MARGIN, Aimd, TokenBucket, backoff_delay, parse_duration, ratelimit_pause,
+                                   retry_after)
 from fakecifar.mine.phash import HashIndex, hamming, phash
 
 
@@ -43,22 +47,118 @@ def test_token_bucket_spaces_request_starts():
     for _ in range(5):
         assert bucket.acquire(clock.sleep)
         starts.append(clock.t)
-    assert np.allclose(np.diff(starts), 0.5)
+    assert np.allclose(np.diff(starts), (1 + PACING_MARGIN) / 2.0)
 
 
-def test_token_bucket_burst_pause_and_rate_change():
+def test_token_bucket_pause_and_rate_change_and_no_credit_while_idle():
     clock = FakeClock()
-    bucket = TokenBucket(1.0, burst=3, clock=clock)
-    assert [bucket.try_take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    bucket = TokenBucket(1.0, clock=clock, margin=0.0)
+    assert bucket.try_take() == 0.0
     assert bucket.try_take() == pytest.approx(1.0)
+    clock.t += 30  # idle: nothing accrues, one start and then the spacing again
+    assert [bucket.try_take(), bucket.try_take()] == [0.0, pytest.approx(1.0)]
     bucket.pause_until(clock.t + 10)
     clock.t += 5
-    assert bucket.try_take() == pytest.approx(5.0)  # paused: no token even though one refilled
+    assert bucket.try_take() == pytest.approx(5.0)  # paused, though the spacing has passed
     clock.t += 5
     assert bucket.try_take() == 0.0
-    bucket.rate = 4.0  # two tokens left of the refilled burst, then one per 0.25 s
-    assert [bucket.try_take(), bucket.try_take()] == [0.0, 0.0]
+    bucket.rate = 4.0  # the next start is spaced at the new rate from the last one
     assert bucket.try_take() == pytest.approx(0.25)
+    clock.t += 0.25
+    assert bucket.try_take() == 0.0
+
+
+def _busiest_window(starts: list[float], window: float = 1.0) -> int:
+    """The most starts in any half-open window (t - window, t], the way rate limiters count."""
+    starts = sorted(starts)
+    return max(bisect.bisect_right(starts, t) - bisect.bisect_right(starts, t - window) for t in starts)
+
+
+def test_starts_exactly_one_interval_apart_fill_a_window_without_overfilling_it():
+    # 0.25 s steps and t = 100 are exact in binary: the boundary itself is tested.
+    clock = FakeClock()
+    bucket = TokenBucket(4.0, clock=clock, margin=0.0)
+    starts = []
+    for _ in range(9):
+        assert bucket.acquire(clock.sleep)
+        starts.append(clock.t)
+    assert np.diff(starts).tolist() == [0.25] * 8
+    assert _busiest_window(starts) == 4  # 100.0 .. 101.0 are 5 starts, but 100.0 is out of (100, 101]
+
+
+class SharedClock:
+    """A fake monotonic clock on one timeline for several threads: a thread that read t and
+    sleeps s wakes at t + s (or at once, if another thread already moved time past it). Each
+    thread can ask what it read last: after `acquire` returns, that is its start time."""
+
+    def __init__(self):
+        self.t = 100.0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self._local.last = self.t
+            return self.t
+
+    def sleep(self, seconds: float) -> bool:
+        with self._lock:
+            self.t = max(self.t, self._local.last + seconds)
+        time.sleep(0)  # let the other threads race for the same moment
+        return True
+
+    def idle(self, seconds: float) -> None:
+        self.sleep(seconds)
+        self()
+
+    @property
+    def last(self) -> float:
+        return self._local.last
+
+
+@pytest.mark.parametrize("rate", [20.0, 7.0, 3.0])
+def test_no_window_of_one_second_ever_holds_more_than_rate_starts(rate):
+    """Several threads, bursts of demand between random idle spells, AIMD cuts and recovery:
+    never more than `rate` starts in any (t - 1 s, t]."""
+    clock = SharedClock()
+    bucket = TokenBucket(rate, clock=clock)
+    aimd = Aimd(bucket, rate, clock=clock)
+    starts: list[float] = []
+    record = threading.Lock()
+
+    def caller(seed: int) -> None:
+        rng = random.Random(seed)
+        clock()
+        for _ in range(12):
+            for _ in range(rng.randint(1, 3 * int(rate))):  # a burst of demand
+                assert bucket.acquire(clock.sleep)
+                with record:
+                    starts.append(clock.last)
+                if rng.random() < 0.03:
+                    aimd.on_throttle(clock.last)  # a real 429: the rate halves...
+                else:
+                    aimd.on_success()  # ...and creeps back, never above `rate`
+            clock.idle(rng.choice([0.0, rng.uniform(0.0, 1.5)]))
+
+    threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(starts) > 10 * rate
+    assert _busiest_window(starts) <= rate
+    assert bucket.rate <= rate and aimd.cuts > 0
+
+
+def test_saturated_demand_is_paced_at_the_rate_less_the_margin():
+    clock = FakeClock()
+    bucket = TokenBucket(20.0, clock=clock)
+    starts = []
+    for _ in range(201):
+        assert bucket.acquire(clock.sleep)
+        starts.append(clock.t)
+    assert (len(starts) - 1) / (starts[-1] - starts[0]) == pytest.approx(20.0 / (1 + PACING_MARGIN))
+    assert _busiest_window(starts) == 20
 
 
 def test_unlimited_bucket_never_waits_but_honours_pauses():

@@ -10,13 +10,14 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from conftest import CLASSES3, needs_shared_data, random_images, SHARED_DATA
+from helpers import CLASSES3, needs_shared_data, random_images, SHARED_DATA
 from fakecifar.shards import Shard, open_shards, pixel_sha256
 
 
 def test_resize_keeps_columns_and_attributes_and_matches_pillow_lanczos(cli, make_shard, tmp_path):
     images = random_images(20, (32, 32))
-    src = make_shard("a.h5", images=images, origin=np.ones(20), prompt=[f"p{i}" for i in range(20)])
+    src = make_shard("a.h5", images=images, origin=np.ones(20), prompt=[f"p{i}" for i in range(20)],
+                     manifest=False)
     with h5py.File(src, "a") as f:
         f.attrs["note"] = "kept"
     result = cli("resize", src, "--size", "16", "-o", tmp_path / "small")
@@ -83,7 +84,7 @@ def test_stats_reads_one_dataset_from_stdin(cli, make_shard):
 def test_bad_shards_are_one_line_errors_in_every_reader(cli, tmp_path, make_shard):
     fake = tmp_path / "fake.h5"
     fake.write_bytes(b"not hdf5 at all")
-    good = make_shard("good.h5")
+    good = make_shard("good.h5", manifest=False)
     for args in (["stats", fake], ["resize", good, fake, "--size", "4", "-o", tmp_path / "r"],
                  ["split", fake, "-o", tmp_path / "s"]):
         result = cli(*args)
@@ -91,7 +92,7 @@ def test_bad_shards_are_one_line_errors_in_every_reader(cli, tmp_path, make_shar
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "fake.h5: not an HDF5 file" in lines[0], result.stderr
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.h5"))
-    mixed = cli("stats", "--json", stdin=f"{good}\n{make_shard('big.h5', size=(16, 16))}\n")
+    mixed = cli("stats", "--json", stdin=f"{good}\n{make_shard('big.h5', size=(16, 16), manifest=False)}\n")
     assert mixed.exit_code == 2 and "big.h5: images are 16x16" in mixed.stderr
 
 

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CLASSES3, random_images
+from helpers import CLASSES3, random_images
 from fakecifar.errors import BadShardError, IncompatibleShardsError, OutputExistsError, UsageError
 from fakecifar.shards import (FORMAT, Shard, ShardSeriesWriter, ShardWriter, chunk_images,
                               expand_inputs, open_shards)

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import CLASSES3, cli_in_fresh_process, random_images
-from conftest import one_error_line as _one_error_line
+from helpers import CLASSES3, cli_in_fresh_process, random_images
+from helpers import one_error_line as _one_error_line
 
 one_error_line = functools.partial(_one_error_line, command="train", last=True)
 
@@ -446,3 +446,279 @@ def test_same_seed_and_data_rebuild_the_same_onnx_bytes(cli, data, val, tmp_path
         digests.append(hashlib.sha256(out.with_suffix(".onnx").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
     assert "(2 classes, target origin)" in r.stderr
+
+
+# ----------------------------------------------------------------------------- faults: full disks,
+# SIGTERM, refusals before any data is read
+
+
+@pytest.fixture
+def data32(make_shard):
+    """24 32x32 images for lenet5 (its checkpoint, ~0.75 MB, fits a 2 MiB tmpfs twice over)."""
+    return make_shard("train32.h5", n=24, size=(32, 32))
+
+
+LENET = ["--model", "lenet5", "--batch-size", "8", "--precision", "fp32"]
+
+
+def _no_partials(*directories):
+    left = [p for d in directories for p in d.rglob("*.partial")]
+    assert not left, left
+
+
+def _sizes(cli, data, tmp_path) -> tuple[int, int]:
+    """Bytes of a 1-epoch lenet5 checkpoint and of its ONNX export on this data."""
+    probe = tmp_path / "sizes" / "m.pt"
+    assert cli("train", data, *LENET, "--epochs", "1", "-o", probe, "--onnx").exit_code == 0
+    return probe.stat().st_size, probe.with_suffix(".onnx").stat().st_size
+
+
+def test_full_disk_keeps_the_last_checkpoint(cli, data32, tmp_path, full_disk_dir, fill_disk):
+    """A real ENOSPC on the second save (torch reports it as RuntimeError 'unexpected pos'): one
+    line, exit 1, no .partial, and the epoch-1 checkpoint still loads."""
+    pt_size, _ = _sizes(cli, data32, tmp_path)
+    fill_disk(full_disk_dir, leave=pt_size + pt_size // 2)  # room for one checkpoint, not two
+    out, log_file = full_disk_dir / "m.pt", tmp_path / "log.jsonl"
+    r = cli("train", data32, *LENET, "--epochs", "3", "-o", out, "--log", log_file)
+    assert r.exit_code == 1, r.stderr
+    one_error_line(r, f"no space left on device writing {out} (free space or choose another -o)")
+    assert "internal error" not in r.stderr and r.stdout == ""
+    _no_partials(full_disk_dir, tmp_path)
+    _, meta = _state(out)
+    assert meta["train"]["epochs_done"] == 1 and meta["train"]["stopped"] == "running"
+    assert [json.loads(line)["epoch"] for line in log_file.read_text().splitlines()] == [1]
+
+
+def test_full_disk_on_the_onnx_export_keeps_the_checkpoint(cli, data32, tmp_path, full_disk_dir, fill_disk):
+    pt_size, onnx_size = _sizes(cli, data32, tmp_path)
+    fill_disk(full_disk_dir, leave=pt_size + onnx_size // 2 + 8192)
+    out = full_disk_dir / "m.pt"
+    r = cli("train", data32, *LENET, "--epochs", "1", "-o", out, "--onnx")
+    assert r.exit_code == 1, r.stderr
+    one_error_line(r, f"no space left on device writing {out.with_suffix('.onnx')} (free space")
+    _no_partials(full_disk_dir)
+    assert not out.with_suffix(".onnx").exists()
+    _, meta = _state(out)
+    assert meta["train"]["epochs_done"] == 1 and meta["train"]["stopped"] == "completed"
+
+
+def test_full_disk_on_the_log_keeps_the_checkpoint_and_whole_lines(cli, data32, tmp_path, full_disk_dir,
+                                                                  fill_disk):
+    log_file = full_disk_dir / "log.jsonl"
+    fill_disk(full_disk_dir, leave=0)
+    out = tmp_path / "m.pt"
+    r = cli("train", data32, *LENET, "--epochs", "2", "-o", out, "--log", log_file)
+    assert r.exit_code == 1, r.stderr
+    one_error_line(r, f"no space left on device writing {log_file}")
+    assert log_file.read_bytes() == b""  # never half a line
+    _, meta = _state(out)
+    assert meta["train"]["epochs_done"] == 1
+
+
+class _DiskFull:
+    """A file whose writes fail with ENOSPC once `budget` bytes are written (like a full disk)."""
+
+    def __init__(self, fh, budget: int):
+        self._fh, self._budget = fh, budget
+
+    def write(self, data):
+        if len(data) > self._budget:
+            self._fh.write(data[:self._budget])
+            self._budget = 0
+            raise OSError(28, os.strerror(28))  # ENOSPC
+        self._budget -= len(data)
+        return self._fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+
+def _inject_enospc(monkeypatch, module, suffix: str, skip: int = 0, budget: int = 1000) -> None:
+    """Make `module`'s writes to files named *suffix fail with ENOSPC after `skip` good opens."""
+    import builtins
+
+    opens = {"n": 0}
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        fh = builtins.open(file, mode, *args, **kwargs)
+        if str(file).endswith(suffix) and any(m in mode for m in "wa"):
+            opens["n"] += 1
+            if opens["n"] > skip:
+                return _DiskFull(fh, budget)
+        return fh
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "onnx", "log"])
+def test_injected_enospc_is_one_line_and_keeps_earlier_files(cli, data, tmp_path, monkeypatch, where):
+    """The same faults without a mount: OSError(ENOSPC) from the file's write."""
+    import fakecifar.checkpoint
+    import fakecifar.train
+
+    out, log_file = tmp_path / "m.pt", tmp_path / "log.jsonl"
+    if where == "checkpoint":  # the epoch-2 save fails inside torch.save
+        _inject_enospc(monkeypatch, fakecifar.checkpoint, ".pt.partial", skip=1)
+        failed = out
+    elif where == "onnx":
+        _inject_enospc(monkeypatch, fakecifar.checkpoint, ".onnx.partial")
+        failed = out.with_suffix(".onnx")
+    else:  # the first line of the log (the creation of the empty log succeeds: it writes nothing)
+        _inject_enospc(monkeypatch, fakecifar.train, ".jsonl", budget=0)
+        failed = log_file
+    r = cli("train", data, *FAST, "--epochs", "2" if where == "checkpoint" else "1", "-o", out, "--onnx",
+            "--log", log_file)
+    assert r.exit_code == 1, r.stderr
+    one_error_line(r, f"no space left on device writing {failed} (free space or choose another -o)")
+    _no_partials(tmp_path)
+    _, meta = _state(out)
+    assert meta["train"]["epochs_done"] == 1
+    assert not out.with_suffix(".onnx").exists()
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == (0 if where == "log" else 1) and all(json.loads(line) for line in lines)
+
+
+# A `fakecifar train` that blocks in epoch 2 before step 3 until SIGTERM arrives, after writing
+# MARK on stderr: the signal lands mid-epoch on every run, however slow or fast the machine.
+_TRAIN_UNTIL_SIGTERM = """
+import signal, sys, time
+import fakecifar.train as tr
+from fakecifar.cli.app import main
+
+real = tr.step_generator
+
+def hooked(seed, epoch, step):
+    if (epoch, step) == (1, 2):
+        print("MARK", file=sys.stderr, flush=True)
+        flag = signal.getsignal(signal.SIGTERM).__self__  # the training loop's _StopFlag
+        deadline = time.monotonic() + 120
+        while not flag.set and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real(seed, epoch, step)
+
+tr.step_generator = hooked
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_epoch_logs_the_whole_epoch(cli, data, tmp_path):
+    args = [data, *FAST, "--batch-size", "4", "--epochs", "2", "--seed", "1"]  # 6 steps per epoch
+    straight, straight_log = tmp_path / "straight.pt", tmp_path / "straight.jsonl"
+    assert cli("train", *args, "-o", straight, "--log", straight_log).exit_code == 0
+
+    out, log_file = tmp_path / "m.pt", tmp_path / "m.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _TRAIN_UNTIL_SIGTERM, "train", *map(str, args), "-o", str(out),
+                             "--log", str(log_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.strip() == "MARK":
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, rest = proc.communicate(timeout=120)
+    stderr = "".join(lines) + rest
+    assert proc.returncode == 143, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last == (f"fakecifar train: error: terminated (SIGTERM) in epoch 2/2 after step 3/6; state saved to {out} "
+                    f"(continue with: fakecifar train --resume {out})"), stderr
+    assert stdout == ""
+    _, meta = _state(out)
+    assert meta["train"]["stopped"] == "interrupted" and meta["train"]["epochs_done"] == 1
+
+    r = cli("train", "--resume", out, "--log", log_file)
+    assert r.exit_code == 0, r.stderr
+    ours = [json.loads(line) for line in log_file.read_text().splitlines()]
+    theirs = [json.loads(line) for line in straight_log.read_text().splitlines()]
+    assert [x["epoch"] for x in ours] == [1, 2]
+    for key in ("train_loss", "train_acc", "lr"):  # the whole epoch 2, not its last 3 steps
+        assert ours[1][key] == theirs[1][key], (key, ours[1], theirs[1])
+    state, meta = _state(out)
+    assert meta["train"]["history"][1]["train_loss"] == theirs[1]["train_loss"]
+    for key, value in _state(straight)[0].items():
+        assert torch.equal(state[key], value), key
+
+
+def test_stop_flag_remembers_the_signal_and_a_second_one_stops_at_once():
+    from fakecifar.errors import Terminated
+    from fakecifar.train import _StopFlag
+
+    with _StopFlag() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handler
+        stop._handler(signal.SIGTERM, None)
+        assert stop.set and stop.signum == signal.SIGTERM
+        error = stop.interrupted("in epoch 1/2 after step 1/3", "m.pt")
+        assert error.exit_code == 143 and "--resume m.pt" in str(error)
+        with pytest.raises(Terminated):
+            stop._handler(signal.SIGTERM, None)
+    with _StopFlag() as stop:
+        stop._handler(signal.SIGINT, None)
+        assert stop.interrupted("x", "m.pt").exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            stop._handler(signal.SIGINT, None)
+
+
+@pytest.fixture
+def no_data_read(monkeypatch, tmp_path):
+    """A dataset path that is not a shard, and open_shards made to fail loudly: a refusal that
+    comes before any data is read says what is wrong with the output, not with the data."""
+    import fakecifar.shards
+
+    def opened(*args, **kwargs):
+        raise AssertionError("open_shards was called before the refusal")
+
+    monkeypatch.setattr(fakecifar.shards, "open_shards", opened)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not a shard")
+    return garbage
+
+
+def test_unwritable_and_too_long_outputs_are_refused_before_any_data(cli, tmp_path, no_data_read):
+    garbage = no_data_read
+    before = sorted(tmp_path.rglob("*"))
+    cases = [
+        (["-o", "/sys/m.pt"], ["cannot write /sys/m.pt"]),  # root may: os.access says yes, the probe says no
+        (["-o", "/sys/new/dir/m.pt"], ["cannot write /sys/new/dir/m.pt"]),
+        (["-o", tmp_path / "m.pt", "--log", "/sys/log.jsonl"], ["/sys/log.jsonl"]),
+        (["-o", tmp_path / ("a" * 300 + ".pt")], ["file name too long", "303 bytes"]),
+        (["-o", tmp_path / ("b" * 250 + ".pt")], ["file name too long", ".partial"]),  # fits; its .partial not
+        (["-o", tmp_path / "c.pt", "--onnx", "--log", tmp_path / ("d" * 256)], ["--log", "file name too long"]),
+        (["-o", tmp_path.joinpath(*["e" * 200] * 25, "m.pt")], ["path too long"]),
+        (["-o", tmp_path], ["is a directory"]),
+        (["-o", garbage / "m.pt"], [f"{garbage} is not a directory"]),
+    ]
+    for extra, needles in cases:
+        r = cli("train", garbage, *FAST, *extra)
+        assert r.exit_code == 2, (extra, r.stderr)
+        one_error_line(r, *needles)
+    assert sorted(tmp_path.rglob("*")) == before  # no probe file, no directory left behind
+
+
+def test_existing_output_and_other_arch_on_resume_are_refused_before_any_data(cli, data, tmp_path, monkeypatch):
+    part = tmp_path / "part.pt"
+    assert cli("train", data, *FAST, "--epochs", "1", "-o", part).exit_code == 0
+    saved = part.read_bytes()
+    import fakecifar.shards
+
+    monkeypatch.setattr(fakecifar.shards, "open_shards", lambda *a, **k: pytest.fail("data opened"))
+    r = cli("train", data, *FAST, "--epochs", "1", "-o", part)
+    assert r.exit_code == 2
+    one_error_line(r, f"{part} already exists", "--overwrite")
+    r = cli("train", data, "--resume", part, "--model", "lenet5", "--epochs", "2")
+    assert r.exit_code == 2
+    one_error_line(r, str(part), "resnet20", "lenet5")
+    assert part.read_bytes() == saved
+
+
+def test_read_only_filesystem_is_refused_before_any_data(cli, tmpfs_dir, no_data_read):
+    ro = tmpfs_dir("1m", readonly=True)
+    r = cli("train", no_data_read, *FAST, "-o", ro / "m.pt")
+    assert r.exit_code == 2
+    one_error_line(r, f"cannot write {ro / 'm.pt'}", "Read-only file system")

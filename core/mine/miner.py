@@ -3,7 +3,7 @@ the books and writes the shards.
 
     worker threads (--concurrency)                     main thread
     reserve quota (state.reserve, shared lock) ->
-    token bucket (--rate, AIMD on 429) ->
+    pacer (--rate, AIMD on 429) ->
     HTTP request (Session per thread, capped) ->
     retry 408/429/5xx/network with full-jitter
     backoff or the server's Retry-After ->
@@ -437,16 +437,19 @@ class Miner:
         with self._cv:
             if self._stopping:
                 return False
-            if self._deadline is not None and self._clock() >= self._deadline:
-                self._halt("max-minutes")
+            if self._past_deadline():
                 return False
             if c.max_requests is not None and self._sent >= c.max_requests:
                 self._halt("max-requests")
                 return False
             self._sent += 1
-        with self._lock:
-            self.report.requests += 1
         return True
+
+    def _past_deadline(self) -> bool:
+        if self._deadline is not None and self._clock() >= self._deadline:
+            self._halt("max-minutes")
+            return True
+        return False
 
     def _count(self, reason: str, message: str | None = None) -> None:
         with self._lock:
@@ -460,9 +463,14 @@ class Miner:
         headers = a.auth_headers()
         attempt = 0
         while True:
-            if not self.bucket.acquire(self._wait) or not self._take_request():
+            # Counted first, paced last: whatever may block (_cv is held by a thread reserving
+            # under the folder lock) must not sit between a paced start and its request, or
+            # the starts reach the server bunched up.
+            if not self._take_request() or not self.bucket.acquire(self._wait) or self._past_deadline():
                 return _Outcome(job, stopped=True)
             sent_at = self._clock()
+            with self._lock:
+                self.report.requests += 1
             try:
                 response = fetch(session, request, headers, timeout=self.timeout, max_bytes=c.max_bytes)
             except TransportError as exc:

@@ -1,4 +1,4 @@
-"""Pacing for API clients: a token bucket on request starts, AIMD rate control, full-jitter
+"""Pacing for API clients: a one-token bucket on request starts, AIMD rate control, full-jitter
 exponential backoff, and the servers' wait hints (Retry-After and friends).
 
 Everything takes an injectable clock so the behaviour is tested without sleeping.
@@ -20,25 +20,48 @@ from collections.abc import Callable, Mapping
 MAX_HONOURED_WAIT = 300.0
 
 
+# Starts are spaced this much wider than 1/rate. A server counts *arrivals*, and a request can
+# reach it a few ms later than the one sent after it (a late thread wake-up, the GIL, the
+# network): at exactly 1/rate apart, one such delay puts rate+1 arrivals in one of the
+# server's windows and earns a 429, which halves the rate. 2% is 20 ms of slack per second.
+PACING_MARGIN = 0.02
+
+
 class TokenBucket:
-    """Request starts at `rate` per second on average, at most `burst` back to back.
+    """Request starts at `rate` per second at most, one token deep: every start waits until
+    `(1 + margin) / rate` seconds after the start before it.
+
+    So any n+1 starts span at least n/rate seconds, and no window of W seconds -- counted the
+    way rate limiters count, over (now - W, now] -- ever holds more than rate*W starts: R in
+    any second for `--rate R`, 200 in any minute for 3.33/s. Nothing accrues while idle (a
+    bucket deeper than one token would let rate+1 or more starts into one window).
 
     `rate=None` (or inf) means unlimited. `pause_until(t)` holds every caller until the
     monotonic time t (a server's Retry-After applies to the whole client, not one thread).
-    The rate may be changed at any time (AIMD does).
+    The rate may be changed at any time (AIMD does); the next start is then spaced at the new
+    rate from the last one.
     """
 
-    def __init__(self, rate: float | None, burst: float = 1.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic, *,
+                 margin: float = PACING_MARGIN):
         self._clock = clock
         self._lock = threading.Lock()
-        self._rate = math.inf if rate is None else float(rate)
-        if not self._rate > 0:
-            raise ValueError("rate must be positive")
-        self.burst = max(1.0, float(burst))
-        self._tokens = self.burst
-        self._last = clock()
+        self._rate = self._checked(rate)
+        if not margin >= 0:
+            raise ValueError("margin must be >= 0")
+        self.margin = float(margin)
+        # Next start no earlier than the last one plus the interval: one comparison of times,
+        # no token arithmetic accumulating rounding errors.
+        self._last_start = -math.inf
         self._paused_until = -math.inf
         self._starts: deque[float] = deque(maxlen=32)
+
+    @staticmethod
+    def _checked(rate: float | None) -> float:
+        value = math.inf if rate is None else float(rate)
+        if not value > 0:
+            raise ValueError("rate must be positive")
+        return value
 
     @property
     def rate(self) -> float:
@@ -46,9 +69,14 @@ class TokenBucket:
 
     @rate.setter
     def rate(self, value: float) -> None:
+        value = self._checked(value)
         with self._lock:
-            self._refill(self._clock())
-            self._rate = float(value)
+            self._rate = value
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two starts (0.0 when unlimited)."""
+        return 0.0 if math.isinf(self._rate) else (1.0 + self.margin) / self._rate
 
     @property
     def paused_until(self) -> float:
@@ -59,26 +87,16 @@ class TokenBucket:
             if when > self._paused_until:
                 self._paused_until = when
 
-    def _refill(self, now: float) -> None:
-        if now > self._last:
-            if math.isinf(self._rate):
-                self._tokens = self.burst
-            else:
-                self._tokens = min(self.burst, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-
     def try_take(self) -> float:
-        """Take a token if one is available now (returns 0.0), else return the seconds to wait."""
+        """Start now if allowed (returns 0.0), else return the seconds to wait."""
         with self._lock:
             now = self._clock()
-            if now < self._paused_until:
-                return self._paused_until - now
-            self._refill(now)
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                self._starts.append(now)
-                return 0.0
-            return (1.0 - self._tokens) / self._rate
+            ready = max(self._paused_until, self._last_start + self.interval)
+            if now < ready:
+                return ready - now
+            self._last_start = now
+            self._starts.append(now)
+            return 0.0
 
     def observed_rate(self) -> float | None:
         """Request starts per second actually taken lately (the last 32 at most)."""
@@ -89,7 +107,7 @@ class TokenBucket:
             return (len(self._starts) - 1) / span if span > 0 else None
 
     def acquire(self, wait: Callable[[float], bool]) -> bool:
-        """Block until a token is taken. `wait(seconds)` sleeps and returns False to give up
+        """Block until a start is taken. `wait(seconds)` sleeps and returns False to give up
         (e.g. `threading.Event().wait` inverted: stop requested). Waits in short slices so a
         rate change or a pause is seen promptly."""
         while True:

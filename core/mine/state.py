@@ -368,4 +368,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _short(classes: list) -> str:
-    return json.dumps(classes if len(classes) <= 4 else list(classes[:3]) + ["..."])
+    from ..text import format_classes  # the one way messages list classes
+
+    return format_classes(classes)

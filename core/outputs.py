@@ -1,0 +1,138 @@
+"""Checks on an output location before any work is done, shared by every command that writes.
+
+    from fakecifar.outputs import check_output_path
+    check_output_path("runs/model.pt")                  # a file, written as model.pt.partial first
+    check_output_path("shards/train", directory=True)   # a directory that files are written into
+
+`os.access` is not a writability test: for root it says yes to /sys and to read-only bind
+mounts. So the check creates a probe file in the directory that will hold the output (or, when
+that does not exist yet, in its nearest existing ancestor, where it would be created) and
+removes it at once. Nothing permanent is created: missing directories stay missing.
+
+Names are checked against the filesystem's limits (NAME_MAX, usually 255 bytes per component;
+PATH_MAX, 4096 bytes in all) including the temporary suffix the writer adds (`.partial`), so
+that a long name is refused now and not after an hour of work.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import OutputError, UsageError, write_error
+
+__all__ = ["PARTIAL", "check_output_path"]
+
+PARTIAL = ".partial"  # what atomic writers append while a file is being written
+_NAME_MAX = 255
+_PATH_MAX = 4096
+
+
+def check_output_path(
+    path: str | os.PathLike[str],
+    *,
+    directory: bool = False,
+    temp_suffix: str = PARTIAL,
+    children: Sequence[str] = (),
+    option: str = "-o",
+    probe: bool = True,
+) -> Path:
+    """Refuse an output that cannot be written, before any work; returns `path` as a Path.
+
+    `directory=False`: `path` is a file written as `path + temp_suffix` and renamed (pass
+    `temp_suffix=""` for a file appended in place, such as a log). `directory=True`: `path` is a
+    directory (existing or to be created) that files are written into; `children` are names
+    that will be created in it (longest first is enough), checked for length too. `option`
+    names the option in hints (`-o`, `--log`, ...). `probe=False` checks the names and the
+    kinds of what exists but writes no probe file (e.g. on DDP ranks that do not write).
+
+    Raises UsageError for a name or path too long, OutputError (a UsageError: exit 2) for a
+    location that is not writable, not a directory, or is a directory where a file is meant;
+    NoSpaceError if not even an empty probe file can be created for lack of space or inodes.
+    """
+    path = Path(path)
+    if not str(path):
+        raise UsageError(f"{option}: empty path", f"name the output, e.g. {option} out")
+    ancestor = _existing_ancestor(path)
+    name_max = _conf(ancestor, "PC_NAME_MAX", _NAME_MAX)
+    path_max = _conf(ancestor, "PC_PATH_MAX", _PATH_MAX)
+    components = list(path.parts[1:] if path.is_absolute() else path.parts)
+    created = [path.name + temp_suffix] if not directory else list(children)
+    for name, made in [*((c, False) for c in components), *((c, True) for c in created)]:
+        size = len(os.fsencode(name))
+        if size > name_max:
+            also = "" if not made else f" for {name} inside it" if directory else \
+                f" with the suffix {temp_suffix}" if temp_suffix else ""
+            raise UsageError(f"{option} {path}: file name too long ({size} bytes{also}; the limit is {name_max})",
+                             f"choose a shorter {option} name")
+    full = [os.path.join(path, c) for c in created] if directory else [str(path) + temp_suffix]
+    longest = max(len(os.fsencode(p)) for p in [str(path), *full])
+    if longest >= path_max:
+        text = str(path)
+        shown = text if len(text) <= 100 else f"{text[:50]}...{text[-40:]}"
+        raise UsageError(f"{option} {shown}: path too long ({longest} bytes; the limit is {path_max - 1})",
+                         f"choose a shorter {option} path")
+
+    if _exists(path):
+        if directory:
+            if not path.is_dir():
+                raise OutputError(f"{path} exists and is not a directory", f"give {option} a directory")
+            probe and _probe(path, path, option)
+        else:
+            if path.is_dir():
+                raise OutputError(f"{path} is a directory", f"give {option} a file name")
+            probe and _probe(path.parent, path, option)
+        return path
+    # Not there yet: the nearest existing ancestor must be a directory and writable: it is where
+    # the missing directories, or the file itself, will be created.
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {path}: {ancestor} is not a directory", f"choose another {option}")
+    if probe:
+        _probe(ancestor, path, option)
+    return path
+
+
+def _exists(path: Path) -> bool:
+    """Like Path.exists (a dangling symlink counts), but False for names the OS refuses."""
+    try:
+        os.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """`path` if it exists, else its nearest existing ancestor (which may not be a directory)."""
+    current = path
+    while not _exists(current) and current.parent != current:
+        current = current.parent
+    return current if _exists(current) else Path(".")
+
+
+def _conf(where: Path, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(where if where.is_dir() else where.parent, name)
+    except (OSError, ValueError):
+        return default
+    return value if value and value > 0 else default
+
+
+def _probe(directory: Path, path: Path, option: str) -> None:
+    """Create and remove an empty file in `directory`: the only honest test of writability."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fakecifar-probe-", dir=directory)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise write_error(exc, path) from exc
+        reason = exc.strerror or str(exc)
+        where = "" if directory in (path, path.parent) else f" (creating it in {directory})"
+        raise OutputError(f"cannot write {path}: {reason}{where}",
+                          f"choose a writable {option} or fix its permissions") from exc
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass

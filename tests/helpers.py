@@ -1,0 +1,82 @@
+"""Helpers shared by the tests (import them with `from helpers import ...`; pytest puts tests/
+on sys.path). Fixtures and pytest hooks live in conftest.py, which imports what it needs from
+here: nothing imports conftest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+SHARED_MODELS = SHARED / "models"
+CLASSES3 = ["cat", "dog", "frog"]
+
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "cifar10-train-jpg.tar.gz").exists(),
+    reason=f"real data not found at {SHARED_DATA} (only beside the project's development checkout)")
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for line in self.stdout.splitlines() if line]
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines]
+
+
+HEAVY_MODULES = ("torch", "torchvision", "onnxruntime", "numpy", "h5py")
+
+
+@dataclass
+class FreshRun(Result):
+    imported: list[str]  # which of HEAVY_MODULES the command loaded
+
+
+def cli_in_fresh_process(*args) -> FreshRun:
+    """Run `fakecifar ARGS...` in a new interpreter and report which heavy modules it imported:
+    the light paths (--help, detect/eval on .onnx) must not pay for torch."""
+    code = ("import json, sys\nfrom fakecifar.cli.app import main\n"
+            f"try:\n    main({[str(a) for a in args]!r})\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print(json.dumps([code, [m for m in {HEAVY_MODULES!r} if m in sys.modules]]), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    *messages, report = proc.stderr.splitlines() or [""]
+    try:
+        exit_code, imported = json.loads(report)
+    except ValueError:
+        raise AssertionError(f"the command did not finish:\n{proc.stderr}") from None
+    return FreshRun(int(exit_code or 0), proc.stdout, "\n".join(messages), imported)
+
+
+def one_error_line(result: Result, *needles: str, command: str, last: bool = False) -> None:
+    """The error is one line `fakecifar COMMAND: error: ...` naming every needle. `last`: it
+    ends stderr (commands like train print progress lines before it); else it is all of it."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and (last or len(lines) == 1), result.stderr
+    assert lines[-1].startswith(f"fakecifar {command}: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+def random_images(n: int, size: tuple[int, int] = (8, 8), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *size, 3), dtype=np.uint8)
+
+
+def write_image(path: Path, array: np.ndarray, fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt)
+    return path
