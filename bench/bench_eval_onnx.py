@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import CACHE, SHARED_DATA, require
+
 from fakecifar.checkpoint import export_onnx, load_checkpoint, save_checkpoint
 from fakecifar.evaluate import evaluate, load_classifier
 from fakecifar.importing import import_sources
 from fakecifar.shards import ShardWriter, open_shards
+
+from common import CACHE, SHARED_DATA, require
 
 SHARED_MODELS = SHARED_DATA.parent / "models"
 

@@ -14,17 +14,18 @@ import torch
 import torchvision
 from torchvision import transforms
 
-from common import CACHE, SHARED_DATA, best_of, require, unpacked
 from fakecifar.importing import import_sources
 from fakecifar.loader import BatchLoader
 from fakecifar.shards import ShardSeriesWriter, open_shards
+
+from common import CACHE, SHARED_DATA, best_of, require, unpacked
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def epoch(loader) -> int:
     n = 0
-    for x, y in loader:
+    for x, _ in loader:
         n += len(x)
     return n
 
@@ -69,7 +70,7 @@ def main() -> None:
                 w.add_batch(chunk["images"], chunk["labels"])
         size = sum(p.stat().st_size for p in target.glob("*.h5"))
         comp = open_shards([target])
-        t = best_of(lambda: epoch(BatchLoader(comp, 256, shuffle=True, mean=MEAN, std=STD, memory_limit=0)))
+        t = best_of(lambda comp=comp: epoch(BatchLoader(comp, 256, shuffle=True, mean=MEAN, std=STD, memory_limit=0)))
         print(f"compression {str(compression):5s}: {size / 2**20:7.1f} MiB, streaming {len(comp) / t:10,.0f} images/s")
 
 

@@ -201,8 +201,9 @@ def main() -> None:
     print(f"\nnaive sequential client: {naive:.2f} images/s; the miner is {ratio:.1f}x faster")
     ok = known["efficiency"] >= 0.95 and all(r["lost"] == 0 and r["duplicated"] == 0 for r in runs)
     print(f"goal (>= 95% of the ceiling, nothing lost or duplicated): {'met' if ok else 'NOT met'}")
-    unknown = f", limit unknown (--rate {2 * args.rate:g}, AIMD) {100 * runs[1]['efficiency']:.1f}% " \
-              f"(steady {100 * runs[1]['steady_efficiency']:.1f}%, {runs[1]['rate_limited']} 429s)" if len(runs) > 1 else ""
+    unknown = (f", limit unknown (--rate {2 * args.rate:g}, AIMD) {100 * runs[1]['efficiency']:.1f}% "
+               f"(steady {100 * runs[1]['steady_efficiency']:.1f}%, {runs[1]['rate_limited']} 429s)"
+               if len(runs) > 1 else "")
     print("\nfor bench/RESULTS.md:")
     print(f"| {dt.date.today()} | bench_mine | R={args.rate:g} req/s, latency {args.latency:g} s, 9 img/call, "
           f"{os.cpu_count()} CPUs | {known['images_per_s']:.2f} img/s = {100 * known['efficiency']:.1f}% of "

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import best_of, unpacked
 from fakecifar.resize import resize_shards
 from fakecifar.shards import Shard, ShardWriter
+
+from common import best_of, unpacked
 
 
 def make_inputs(n: int) -> np.ndarray:

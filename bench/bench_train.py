@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from common import CACHE, SHARED_DATA, require, unpacked
+from torchvision import transforms
+
 from fakecifar.importing import import_sources
 from fakecifar.models import build_model
 from fakecifar.shards import ShardWriter, open_shards
 from fakecifar.train import cpu_has_fast_bf16, make_config, train
-from torchvision import transforms
+
+from common import CACHE, SHARED_DATA, require, unpacked
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

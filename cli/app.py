@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in argv:
         Settings.debug = True
     prog = _command_name(argv)
+    from fakecifar.manifest import set_command_line
+
+    set_command_line(argv)  # producers record it in their manifest
     command = typer.main.get_command(app)
     code = 0
     try:

@@ -29,7 +29,7 @@ def run(
                                                   "usually a little more accurate."),
     json_output: bool = typer.Option(False, "--json", help="JSON lines {path, label, p_fake, model}."),
 ) -> None:
-    from fakecifar.detect import Detector, detect, iter_items
+    from fakecifar.detect import Detector, check_stdin, detect, iter_items
     from fakecifar.errors import UsageError
     from fakecifar.text import printable
 
@@ -38,6 +38,9 @@ def run(
         if sys.stdin.isatty():
             raise UsageError("no image given", "give image files, folders or shards, or pipe them on stdin")
         sources = ["-"]
+    stdin_data = sys.stdin.buffer.read() if "-" in sources else b""
+    if "-" in sources:
+        check_stdin(stdin_data)  # binary junk on stdin is refused before the model loads or anything prints
     detector = Detector(model, arch=arch, tta=tta)
     model_name = str(model) if model else "builtin:" + detector.path.name
     failures: list[str] = []
@@ -52,9 +55,8 @@ def run(
         if len(cautions) <= MAX_CAUTIONS:
             warn(f"{path}: {why}; the answer is less trustworthy")
 
-    stdin_bytes = lambda: sys.stdin.buffer.read()  # noqa: E731 - read only if '-' is reached
     start, count = time.perf_counter(), 0
-    for verdict in detect(detector, iter_items(sources, stdin=stdin_bytes, on_skip=log), threshold=threshold,
+    for verdict in detect(detector, iter_items(sources, stdin=lambda: stdin_data, on_skip=log), threshold=threshold,
                           batch_size=batch_size, on_error=on_error, on_caution=on_caution):
         count += 1
         if json_output:

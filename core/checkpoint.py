@@ -167,22 +167,26 @@ _TORCH_WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write fa
 _FULL_BYTES = 1 << 20  # this little space left after a failed write means the disk filled up
 
 
-def _write_failure(exc: BaseException, path: Path, partial: Path) -> Exception | None:
+def _write_failure(exc: BaseException, path: Path, partial: Path) -> BaseException | None:
     """The typed error for a failure while writing `path` (via `partial`), or None for one that
     is not about writing (a bug: re-raised as is).
 
-    An OSError (here or behind torch's RuntimeError, as its context) maps through
-    `errors.write_error`; a missing or invalid location is OutputError. A torch write failure
-    without one is NoSpaceError when the partial's filesystem is (nearly) full."""
+    torch.save turns whatever its file's write raised into RuntimeError('... unexpected pos
+    ...'), keeping the original as its context: Ctrl-C or SIGTERM (errors.Terminated) met
+    inside it is raised again as itself; an OSError maps through `errors.write_error` (a
+    missing or invalid location is OutputError). A torch write failure with neither is
+    NoSpaceError when the partial's filesystem is (nearly) full."""
     import errno
 
     from .errors import FakecifarError, NoSpaceError, write_error
 
     cause: BaseException | None = exc
-    seen = 0
-    while cause is not None and not isinstance(cause, OSError) and seen < 8:
+    for _ in range(8):
+        if cause is None or isinstance(cause, OSError):
+            break
+        if not isinstance(cause, Exception):  # KeyboardInterrupt, Terminated
+            return cause
         cause = cause.__cause__ or cause.__context__
-        seen += 1
     if isinstance(cause, OSError):
         if cause.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
             return OutputError(f"cannot write {path}: {cause.strerror or cause}",

@@ -117,6 +117,13 @@ def _sniff_image(data: bytes) -> bool:
     return data.startswith(signatures)
 
 
+def check_stdin(data: bytes) -> None:
+    """Refuse stdin bytes that are neither an image nor a list of paths (UsageError); the CLI
+    calls it before the first answer, so an error never cuts the output short."""
+    if not _sniff_image(data):
+        paths_from_bytes(data, neither="an image")
+
+
 def iter_items(inputs: Iterable[str], *, stdin: Callable[[], bytes] | None = None,
                on_skip: Callable[[str], None] | None = None) -> Iterator[Item]:
     """Images from files, folders (recursively: image files and shards), shards (.h5) and

@@ -59,11 +59,21 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+_command: list[str] | None = None
+
+
+def set_command_line(argv: list[str]) -> None:
+    """The CLI says what was typed (without the program name); library use falls back to sys.argv."""
+    global _command
+    _command = list(argv)
+
+
 def command_line() -> str:
     """The command as the user typed it (for the manifest and lock: humans read them)."""
     import shlex
 
-    return " ".join(["fakecifar", *(shlex.quote(a) for a in sys.argv[1:])]) if sys.argv else "fakecifar"
+    args = _command if _command is not None else sys.argv[1:]
+    return " ".join(["fakecifar", *(shlex.quote(a) for a in args)])
 
 
 # --------------------------------------------------------------------------- reading
@@ -215,8 +225,10 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> OutputLock:
+        # Held through a read-only descriptor: a lock must not keep the filesystem busy for
+        # writing (it would block a remount); the holder's label is written through another.
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as exc:
             raise write_error(exc, self.path) from exc
         try:
@@ -232,8 +244,7 @@ class OutputLock:
             info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                                "since": _utc_now()})
             try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (info + "\n").encode(), 0)
+                self.path.write_text(info + "\n")
             except OSError:
                 pass  # the lock holds without its label
         self._fd = fd
@@ -294,9 +305,9 @@ class DatasetOutput:
         from .outputs import check_output_path
 
         out = self.directory
+        check_output_path(out, directory=True)  # first: a too-long name makes even exists() fail
         if out.exists() and not out.is_dir():
             raise OutputError(f"{out} exists and is not a directory", "give -o a directory")
-        check_output_path(out, directory=True)
         if not out.exists():
             try:
                 out.mkdir(parents=True)

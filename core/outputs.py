@@ -64,27 +64,37 @@ def check_output_path(
     for name, made in [*((c, False) for c in components), *((c, True) for c in created)]:
         size = len(os.fsencode(name))
         if size > name_max:
-            also = "" if not made else f" for {name} inside it" if directory else \
-                f" with the suffix {temp_suffix}" if temp_suffix else ""
-            raise UsageError(f"{option} {path}: file name too long ({size} bytes{also}; the limit is {name_max})",
-                             f"choose a shorter {option} name")
+            if not made:
+                also = ""
+            elif directory:
+                also = f" for {name} inside it"
+            else:
+                also = f" with the suffix {temp_suffix}" if temp_suffix else ""
+            raise UsageError(
+                f"{option} {path}: file name too long ({size} bytes{also}; the limit is {name_max})",
+                f"choose a shorter {option} name",
+            )
     full = [os.path.join(path, c) for c in created] if directory else [str(path) + temp_suffix]
     longest = max(len(os.fsencode(p)) for p in [str(path), *full])
     if longest >= path_max:
         text = str(path)
         shown = text if len(text) <= 100 else f"{text[:50]}...{text[-40:]}"
-        raise UsageError(f"{option} {shown}: path too long ({longest} bytes; the limit is {path_max - 1})",
-                         f"choose a shorter {option} path")
+        raise UsageError(
+            f"{option} {shown}: path too long ({longest} bytes; the limit is {path_max - 1})",
+            f"choose a shorter {option} path",
+        )
 
     if _exists(path):
         if directory:
             if not path.is_dir():
                 raise OutputError(f"{path} exists and is not a directory", f"give {option} a directory")
-            probe and _probe(path, path, option)
+            if probe:
+                _probe(path, path, option)
         else:
             if path.is_dir():
                 raise OutputError(f"{path} is a directory", f"give {option} a file name")
-            probe and _probe(path.parent, path, option)
+            if probe:
+                _probe(path.parent, path, option)
         return path
     # Not there yet: the nearest existing ancestor must be a directory and writable: it is where
     # the missing directories, or the file itself, will be created.
@@ -129,8 +139,9 @@ def _probe(directory: Path, path: Path, option: str) -> None:
             raise write_error(exc, path) from exc
         reason = exc.strerror or str(exc)
         where = "" if directory in (path, path.parent) else f" (creating it in {directory})"
-        raise OutputError(f"cannot write {path}: {reason}{where}",
-                          f"choose a writable {option} or fix its permissions") from exc
+        raise OutputError(
+            f"cannot write {path}: {reason}{where}", f"choose a writable {option} or fix its permissions"
+        ) from exc
     os.close(fd)
     try:
         os.unlink(probe)

@@ -79,7 +79,8 @@ def dataset_stats(data: ShardSet, name: str, *, by: str | None = None,
     if by == "origin" and not has_origin:
         raise UsageError(f"{data.paths[0]}: has no origin column to group by",
                          "import with --origin real|fake or from CIFAKE folders")
-    columns = ["images", "labels"] + (["origin"] if has_origin else []) + (["sha256"] if "sha256" in data.columns else [])
+    columns = ["images", "labels"] + (["origin"] if has_origin else [])
+    columns += ["sha256"] if "sha256" in data.columns else []
     groups = {g: _Accumulator(len(data.classes)) for g in (range(len(ORIGIN_NAMES)) if by else [None])}
     for _, chunk in data.iter_chunks(columns):
         images, labels = chunk["images"], chunk["labels"].astype(np.int64)

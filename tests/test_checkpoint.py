@@ -453,3 +453,37 @@ def test_injected_enospc_and_eacces_on_save(tmp_path: Path, monkeypatch: pytest.
         with pytest.raises(kind, match=str(path)):
             save(path, build_model("lenet5", 3), arch="lenet5")
         _keeps(path, before)
+
+
+def test_a_signal_inside_torch_save_is_raised_as_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save wraps what its file raised in RuntimeError; SIGTERM (Terminated) must stay
+    Terminated (exit 143), not become a write error, and the partial goes."""
+    from fakecifar.errors import Terminated
+
+    path = save(tmp_path / "m.pt", build_model("lenet5", 3), arch="lenet5")
+    before = path.read_bytes()
+    real_open = open
+
+    class Interrupted:
+        def __init__(self, fh):
+            self._fh = fh
+
+        def write(self, data):
+            raise Terminated()
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+
+    import fakecifar.checkpoint as ck
+
+    monkeypatch.setattr(ck, "open", lambda f, mode="r", *a, **k: Interrupted(real_open(f, mode, *a, **k)),
+                        raising=False)
+    with pytest.raises(Terminated):
+        save(path, build_model("lenet5", 3), arch="lenet5")
+    _keeps(path, before)

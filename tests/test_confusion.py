@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+
 from helpers import CLASSES3
 
 torch = pytest.importorskip("torch")
@@ -14,9 +15,10 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
-    from helpers import random_images
     from fakecifar.shards import ShardWriter, open_shards
     from fakecifar.train import make_config, train
+
+    from helpers import random_images
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("confusion")
@@ -44,7 +46,7 @@ def test_tables_csv_json_agree(cli, model_and_data):
     assert rows[0] == ["true\\predicted", *CLASSES3]
     assert [[int(v) for v in row[1:]] for row in rows[1:]] == counts.tolist()
     for i, name in enumerate(CLASSES3):  # every count appears in the table
-        line = next(l for l in table.lines if l.startswith(name))
+        line = next(row for row in table.lines if row.startswith(name))
         assert line.split()[1:] == [str(v) for v in counts[i]]
     onnx = cli("confusion", pt.with_suffix(".onnx"), "--on", data, "--json").json_lines()[0]
     assert onnx["counts"] == js["counts"]
@@ -69,8 +71,9 @@ def test_png_heatmap(cli, model_and_data, tmp_path):
 
 
 def test_heatmap_of_twenty_classes(tmp_path):
-    from fakecifar.metrics import confusion_heatmap
     from PIL import Image
+
+    from fakecifar.metrics import confusion_heatmap
 
     classes = [f"{o}/{c}" for o in ("real", "fake") for c in
                ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]

@@ -11,6 +11,7 @@ import tarfile
 
 import numpy as np
 import pytest
+
 from helpers import CLASSES3, SHARED_DATA, SHARED_MODELS, cli_in_fresh_process, needs_shared_data
 from helpers import one_error_line as _one_error_line
 
@@ -22,11 +23,12 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A resnet20 trained 3 epochs on 8x8 3-class images, as .pt and .onnx, plus two datasets."""
-    from helpers import random_images
     from fakecifar.checkpoint import export_onnx, load_checkpoint
     from fakecifar.manifest import describe_directory
     from fakecifar.shards import ShardWriter, open_shards
     from fakecifar.train import make_config, train
+
+    from helpers import random_images
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("trained")
@@ -86,7 +88,7 @@ def test_cross_table_of_models_and_datasets(cli, trained):
     assert result.exit_code == 0, result.stderr
     header = result.lines[0]
     assert str(trained["a"]) in header and str(trained["b"]) in header
-    rows = [line for line in result.lines[2:]]
+    rows = result.lines[2:]
     assert rows[0].startswith(str(trained["pt"])) and rows[1].startswith(str(trained["onnx"]))
     pt_cells, onnx_cells = rows[0].split()[1:], rows[1].split()[1:]
     assert pt_cells == onnx_cells  # same predictions on both runtimes
@@ -165,8 +167,9 @@ def test_unknown_layout_and_code_pickles_are_refused(cli, trained, tmp_path, mon
 
 
 def test_class_mismatch_is_explained_or_mapped(cli, trained, make_shard, tmp_path):
-    from helpers import random_images
     from fakecifar.shards import open_shards
+
+    from helpers import random_images
 
     src = open_shards([trained["a"]])
     images, labels = src.read("images"), src.read("labels")
@@ -227,7 +230,7 @@ def test_bad_usage(cli, trained, tmp_path):
     r = cli("eval", tmp_path / "nope.pt", "--on", trained["a"])
     assert r.exit_code == 2 and "nope.pt" in r.stderr
     r = cli("eval", trained["pt"], "--on", trained["a"], "--target", "origin")
-    assert r.exit_code == 2 and "[real, fake]" in r.stderr
+    assert r.exit_code == 2 and "['real', 'fake'] (2 classes)" in r.stderr
 
 
 def test_models_from_stdin(cli, trained):

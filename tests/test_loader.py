@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import random_images
 from fakecifar.loader import BatchLoader, ShardImageDataset
 from fakecifar.shards import open_shards
+
+from helpers import random_images
 
 
 @pytest.fixture

@@ -61,11 +61,11 @@ def assert_clean(out: Path, per_class: dict) -> dict:
 def test_kill_9_mid_run_then_rerun_gives_exact_counts(cli, server, tmp_path):
     out = tmp_path / "raw"
     proc = spawn(server, out, "--classes", "a,b,c", "--per-class", "45", "--shard-size", "7", "--concurrency", "2")
-    wait_for(lambda: list(out.glob("*.h5")) and list(out.glob("*.partial")), proc, "a shard and a partial")
+    wait_for(lambda: list(out.glob("*.h5")) and list(out.glob("*.h5.partial")), proc, "a shard and a partial")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert list(out.glob("*.partial")), "the kill left no half-written shard to test with"
+    assert list(out.glob("*.h5.partial")), "the kill left no half-written shard to test with"
     for path in out.glob("*.h5"):
         Shard(path)  # every finished shard opens: the partial never took a real name
     printed = proc.stdout.read().split()
@@ -82,7 +82,7 @@ def test_sigterm_finishes_the_open_shard(server, tmp_path):
     out = tmp_path / "raw"
     proc = spawn(server, out, "--classes", "a,b", "--per-class", "900", "--shard-size", "1000", "--concurrency", "2",
                  "--json")
-    wait_for(lambda: list(out.glob("*.partial")), proc, "a partial shard")
+    wait_for(lambda: list(out.glob("*.h5.partial")), proc, "a partial shard")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

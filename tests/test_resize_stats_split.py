@@ -8,6 +8,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import CLASSES3, needs_shared_data, random_images, SHARED_DATA
@@ -126,6 +127,7 @@ def test_the_pipe_import_resize_stats_in_a_real_shell(image_folder, tmp_path):
     assert stats["images"] == 12 and stats["image_size"] == [4, 4] and stats["shards"] == 3
 
 
+@pytest.mark.slow  # ~30 s on 2 cores; `make test-slow` (run by .ci/run too)
 @needs_shared_data
 def test_cifar10_stats_match_numpy_to_four_decimals(tmp_path):
     """Done-when of issue 2: the real CIFAR-10 training set, stats vs numpy on the same pixels."""

@@ -51,7 +51,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FakecifarError, UsageError
-from ..shards import PARTIAL, SUFFIX, Shard, pixel_sha256, prepare_output_dir
+from ..manifest import FORMAT as MANIFEST_FORMAT
+from ..manifest import MANIFEST, OutputLock, command_line, read_manifest, shard_entry, write_manifest
+from ..manifest import VERSION as MANIFEST_VERSION
+from ..shards import PARTIAL, SUFFIX, Shard, pixel_sha256, prepare_output_dir, producer, utc_now
 from .phash import HashIndex, phashes
 
 FOLDER_LOCK = ".mine.lock"
@@ -89,6 +92,8 @@ class MineState:
         self.want_phash = phash
         self._mutex = threading.RLock()
         self._folder_fd: int | None = None
+        self._output_lock: OutputLock | None = None
+        self._sizes: dict[str, int] = {}  # shard file name -> images
         self._worker_fd: int | None = None
         self._started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
         k = len(self.classes)
@@ -110,9 +115,12 @@ class MineState:
         # Existing shards are welcome (that is how a run resumes), hence overwrite=True: it only
         # skips the "already holds shards" refusal; this miner never replaces a file.
         prepare_output_dir(self.out, overwrite=True)
+        # Shared with the other miners of this folder, exclusive against import/resize/split.
+        self._output_lock = OutputLock(self.out, command=command_line(), shared=True).acquire()
         try:
             self._folder_fd = os.open(self.out / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            self._output_lock.release()
             raise UsageError(f"cannot create {self.out / FOLDER_LOCK}: {exc.strerror or exc}",
                              "choose a writable -o") from exc
         try:
@@ -121,6 +129,7 @@ class MineState:
                 self._remove_dead_partials()
                 self._scan()
                 self._publish()
+                self._write_manifest()
         except BaseException:
             self.close()
             raise
@@ -156,6 +165,9 @@ class MineState:
         if self._folder_fd is not None:
             os.close(self._folder_fd)
             self._folder_fd = None
+        if self._output_lock is not None:
+            self._output_lock.release()
+            self._output_lock = None
 
     def __enter__(self) -> MineState:
         return self.open()
@@ -212,6 +224,7 @@ class MineState:
         names = {p.name: p for p in self.out.glob(f"*{SUFFIX}") if p.is_file()}
         for name in [n for n in self._seen if n not in names]:
             self.finished -= self._seen.pop(name)  # someone removed a shard: count it no more
+            self._sizes.pop(name, None)
         for name in sorted(set(names) - set(self._seen)):
             self._read_shard(names[name])
         others = np.zeros(len(self.classes), np.int64)
@@ -257,6 +270,7 @@ class MineState:
         finally:
             shard.close()
         self._seen[path.name] = counts
+        self._sizes[path.name] = len(shard)
         self.finished += counts
         return counts
 
@@ -331,6 +345,34 @@ class MineState:
             self.pending -= counts
             np.maximum(self.pending, 0, out=self.pending)
             self._publish()
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        """The folder's manifest lists every finished shard (any worker's), rewritten under the
+        folder lock after each one: a mined folder is a complete dataset at every moment; it
+        just grows. `quota_met` says whether mining is done."""
+        now = utc_now()
+        old = read_manifest(self.out) if (self.out / MANIFEST).exists() else None
+        entries = []
+        for name in sorted(self._seen):
+            try:
+                entries.append(shard_entry(self.out / name, self._sizes[name]))
+            except OSError:
+                continue  # removed meanwhile; the next scan forgets it
+        sizes = [s for s in (self._image_size(e["name"]) for e in entries[:1]) if s]
+        write_manifest(self.out, {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": True, "growing": True,
+            "producer": producer("mine"), "command": command_line(),
+            "params": {"classes": self.classes, "per_class": self.per_class},
+            "created": (old or {}).get("created", now), "updated": now, "classes": self.classes,
+            "image_size": list(sizes[0]) if sizes else None, "images": sum(e["images"] for e in entries),
+            "quota_met": bool((self.finished >= self.per_class).all()), "shards": entries, "resume": {}})
+
+    def _image_size(self, name: str) -> tuple[int, int] | None:
+        try:
+            return Shard(self.out / name).image_size
+        except FakecifarError:
+            return None
 
     # ------------------------------------------------------------------ duplicates
 
