@@ -34,6 +34,9 @@ def parse_eps(text: str | Sequence[float]) -> list[float]:
 class Normalized(nn.Module):
     """`model((x - mean) / std)`: a network trained on normalized inputs, fed [0, 1] pixels."""
 
+    mean: torch.Tensor  # buffers, declared so that type checkers know them
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.model = model

@@ -183,7 +183,7 @@ def load_classifier(path: str | os.PathLike, *, arch: str | None = None, device:
 
         clf = OnnxClassifier(path, threads=threads)
         return Classifier(path, list(clf.classes), dict(clf.meta), True, clf, None, path.name,
-                          tuple(clf.input_size))
+                          (clf.input_size[0], clf.input_size[1]))
     from .checkpoint import load_checkpoint
 
     if threads is not None:
@@ -265,6 +265,7 @@ def predict_torch(clf: Classifier, data: ShardSet, indices: np.ndarray, *, batch
     net = normalized(clf.model, clf.meta["mean"], clf.meta["std"])
     loader = BatchLoader(data, batch_size, shuffle=False, device=clf.device, indices=indices, columns=())
     radii = [e for e in eps if e > 0] if attack else []
+    assert targets is not None or not radii, "an attack needs the targets"
     outs: dict[float | None, list] = {None: [], **{e: [] for e in radii}}
     pos = 0
 
@@ -277,7 +278,7 @@ def predict_torch(clf: Classifier, data: ShardSet, indices: np.ndarray, *, batch
     for (x,) in loader:
         with torch.no_grad():
             outs[None].append(run(x))
-        if radii:
+        if radii and targets is not None:
             y = torch.as_tensor(targets[pos:pos + len(x)], device=x.device)
             for e in radii:
                 adv = pgd_l2(net, x, y, eps=e, steps=steps)
@@ -322,6 +323,7 @@ def evaluate(clf: Classifier, data: ShardSet, *, target: str = "auto", map_class
         raise UsageError(f"{data_name}: no image has a {target} target the model knows",
                          "unlabelled shards cannot be evaluated")
     targets = mapped[indices]
+    logits: dict[float | None, np.ndarray]
     if clf.onnx:
         logits = {None: predict_onnx(clf, data, indices, batch_size=batch_size, tta=tta, on_progress=on_progress)}
     else:

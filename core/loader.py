@@ -121,16 +121,18 @@ class BatchLoader:
 
     def _iter_memory(self) -> Iterator[tuple]:
         self._load()
+        images, columns = self._images, self._columns
+        assert images is not None and columns is not None
         rows = self._rows()
         stop = len(rows) - (len(rows) % self.batch_size if self.drop_last else 0)
         for start in range(0, stop, self.batch_size):
             idx = rows[start:start + self.batch_size]
             if not self.shuffle and self.indices is None and self.world_size == 1:
                 sl = slice(int(idx[0]), int(idx[-1]) + 1)  # sequential: a view, no gather
-                yield self._batch(self._images[sl], {k: v[sl] for k, v in self._columns.items()})
+                yield self._batch(images[sl], {k: v[sl] for k, v in columns.items()})
             else:
                 t = torch.from_numpy(idx)
-                yield self._batch(self._images[t], {k: v[idx] for k, v in self._columns.items()})
+                yield self._batch(images[t], {k: v[idx] for k, v in columns.items()})
 
     def _iter_stream(self) -> Iterator[tuple]:
         """Out-of-core: visit blocks (whole chunks) in seeded random order, shuffle rows inside

@@ -115,7 +115,11 @@ def _blues(t: float) -> tuple[int, int, int]:
     x = t * (len(stops) - 1)
     i = min(int(x), len(stops) - 2)
     f = x - i
-    return tuple(int(round(stops[i][c] + f * (stops[i + 1][c] - stops[i][c]))) for c in range(3))
+
+    def channel(c: int) -> int:
+        return int(round(stops[i][c] + f * (stops[i + 1][c] - stops[i][c])))
+
+    return channel(0), channel(1), channel(2)
 
 
 def confusion_heatmap(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike, *,

@@ -304,8 +304,11 @@ class RepVGGBlock(nn.Module):
         if self.reparam is not None:
             return
         assert self.dense is not None and self.pointwise is not None
-        kernel, bias = _fuse_conv_bn(self.dense[0].weight, self.dense[1])
-        k1, b1 = _fuse_conv_bn(self.pointwise[0].weight, self.pointwise[1])
+        (dense, dense_bn), (pointwise, pointwise_bn) = self.dense, self.pointwise
+        assert isinstance(dense, nn.Conv2d) and isinstance(pointwise, nn.Conv2d)
+        assert isinstance(dense_bn, nn.BatchNorm2d) and isinstance(pointwise_bn, nn.BatchNorm2d)
+        kernel, bias = _fuse_conv_bn(dense.weight, dense_bn)
+        k1, b1 = _fuse_conv_bn(pointwise.weight, pointwise_bn)
         kernel = kernel + F.pad(k1, (1, 1, 1, 1))  # a 1x1 kernel is a 3x3 one with zero ring
         bias = bias + b1
         if self.identity is not None:
@@ -313,7 +316,7 @@ class RepVGGBlock(nn.Module):
             eye[torch.arange(self.cin), torch.arange(self.cin), 1, 1] = 1.0
             ki, bi = _fuse_conv_bn(eye, self.identity)
             kernel, bias = kernel + ki, bias + bi
-        ref = self.dense[0].weight
+        ref = dense.weight
         conv = nn.Conv2d(self.cin, self.cout, 3, self.stride, 1, bias=True).to(ref.device, ref.dtype)
         conv.weight.copy_(kernel.to(ref.dtype))
         assert conv.bias is not None
@@ -452,6 +455,9 @@ class PCALogReg(nn.Module):
     """
 
     needs_fit = True
+    pca_mean: torch.Tensor  # buffers, declared so that type checkers know them
+    pca_basis: torch.Tensor
+    fitted: torch.Tensor
 
     def __init__(self, num_classes: int = 2, components: int = 100, input_size: int | Sequence[int] = 32,
                  fit_images: int = 20_000):

@@ -89,6 +89,7 @@ def dataset_stats(data: ShardSet, name: str, *, by: str | None = None,
         if by is None:
             groups[None].add(images, labels, origin, digests)
         else:
+            assert origin is not None  # checked above: grouping by origin needs the column
             for g, acc in groups.items():
                 m = origin == g
                 if m.any():
@@ -97,7 +98,8 @@ def dataset_stats(data: ShardSet, name: str, *, by: str | None = None,
             on_progress(len(images))
     if by is None:
         return [groups[None].finish(name, data, has_origin)]
-    return [acc.finish(f"{name} [{ORIGIN_NAMES[g]}]", data, True) for g, acc in groups.items() if acc.n]
+    return [acc.finish(f"{name} [{ORIGIN_NAMES[g]}]", data, True) for g, acc in groups.items()
+            if acc.n and g is not None]
 
 
 def stats_table(stats: list[DatasetStats]) -> list[list[str]]:

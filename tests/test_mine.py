@@ -485,3 +485,20 @@ def test_help_reads_like_a_manual(cli):
     assert result.exit_code == 0
     for needle in ("--per-class", "Retry-After", "--worker", "cron", "Exit status"):
         assert needle in result.stdout
+
+
+def test_a_mined_folder_has_a_manifest_and_excludes_other_producers(mine, serve, tmp_path, cli):
+    from fakecifar.manifest import OutputLock, read_manifest
+
+    server = serve(api="craiyon", latency=0.001)
+    out = tmp_path / "raw"
+    result = mine(server, out, "--classes", "cat,dog", "--per-class", "9", "--shard-size", "4")
+    assert result.exit_code == 0, result.stderr
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["growing"] and manifest["quota_met"]
+    assert sorted(e["name"] for e in manifest["shards"]) == sorted(p.name for p in out.glob("*.h5"))
+    assert manifest["images"] == 18 and cli("stats", out).exit_code == 0  # readable as a dataset
+    with OutputLock(out, command="fakecifar import src -o raw"):  # an import is writing here
+        busy = mine(server, out, "--classes", "cat,dog", "--per-class", "20")
+    assert busy.exit_code == 1 and "is being written by pid" in busy.stderr and "fakecifar import" in busy.stderr
+    assert read_manifest(out)["images"] == 18

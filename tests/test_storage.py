@@ -295,3 +295,25 @@ def test_too_long_output_name_is_a_usage_error_before_any_work(cli, tmp_path):
     assert result.exit_code == 2, result.stderr
     one_error_line(result, "too long", command="import")
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_sigterm_mid_import_exits_143_cleanly_and_the_rerun_resumes(cli, tmp_path):
+    """SIGTERM (timeout, Slurm, docker stop) arrives while the third shard is being written."""
+    out = tmp_path / "raw"
+    code = "\n".join([
+        "import os, signal", "from fakecifar import shards", "from fakecifar.cli.app import main",
+        "real = shards.ShardSeriesWriter._finish",
+        "def finish(self):", "    real(self)",
+        "    if len(self.written) == 2:", "        os.kill(os.getpid(), signal.SIGTERM)",
+        "shards.ShardSeriesWriter._finish = finish",
+        f"main(['import', '--sample', '--shard-size', '60', '-o', {str(out)!r}])"])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "fakecifar import: error: terminated (SIGTERM)"
+    assert no_partials(out) and shard_names(out) == ["shard-00000.h5", "shard-00001.h5"]
+    assert check_intact(out) == 120 and not read_manifest(out)["complete"]
+    again = cli("import", "--sample", "--shard-size", "60", "-o", out)
+    assert again.exit_code == 0 and "resumed: 2 shard(s)" in again.stderr and check_intact(out) == 400
