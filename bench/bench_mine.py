@@ -41,6 +41,7 @@ def start_server(args, rate_limit: float) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, str(ROOT / "tests" / "mine_server.py"), "--api", "craiyon", "--latency", str(args.latency),
            "--images", "9", "--size", str(args.size), "--rate-limit", str(rate_limit)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
     url = proc.stdout.readline().strip()
     if not url.startswith("http"):
         proc.kill()
@@ -169,8 +170,8 @@ def main() -> None:
     print(f"server: latency {args.latency:g} s, 9 images/call, hard limit {args.rate:g} requests/s "
           f"-> ceiling {ceiling:g} images/s; {os.cpu_count()} CPUs, Python {platform.python_version()}", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="bench_mine_") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="bench_mine_") as tmpdir:
+        tmp = Path(tmpdir)
         proc, url = start_server(args, args.rate)
         try:
             naive = naive_client(url, args.naive_seconds)

@@ -79,7 +79,7 @@ def reference_epoch(folder: Path, files: list[str], workers: int, bf16: bool = F
     return n / (time.perf_counter() - start)
 
 
-def fakecifar_epoch(shard: Path, precision: str, channels_last: bool) -> float:
+def fakecifar_epoch(shard: Path, precision: str, channels_last: bool | None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         config = make_config(model="resnet20", epochs=1, batch_size=256, precision=precision,
                              channels_last=channels_last, device="cpu")

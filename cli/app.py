@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # SIGTERM (timeout, Slurm, docker stop) unwinds like Ctrl-C: writers discard their partial
     # files on the way out. Commands that save state on a signal (train) install their own.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
 
     argv = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     if "--debug" in argv:
@@ -195,4 +195,6 @@ def main(argv: list[str] | None = None) -> None:
             _error(prog, f"internal error: {type(exc).__name__}: {exc} "
                          "(rerun with --debug for the traceback and report it)")
             code = 1
+    if in_main_thread:  # in-process callers (tests, scripts) get their own handler back
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     sys.exit(code)

@@ -52,8 +52,12 @@ def require_inputs(args: list[str] | None, what: str = "shards") -> list[str]:
 
 
 def emit(line: str) -> None:
-    """One line of data on stdout, flushed at once so a pipe downstream can start on it."""
-    sys.stdout.write(f"{line}\n")
+    """One line of data on stdout, flushed at once so a pipe downstream can start on it.
+    Unprintable characters (of a file name in a path or a table) are escaped; tabs and line
+    breaks are the data's own. (JSON is already ASCII.)"""
+    from fakecifar.text import printable
+
+    sys.stdout.write(printable(line, keep="\t\n") + "\n")
     sys.stdout.flush()
 
 
@@ -93,7 +97,12 @@ def progress(total: int | None, description: str) -> Iterator:
         yield _NoProgress()
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fakecifar.text import printable
+
+    description = escape(printable(description))  # a name like 'm[/].pt' is not rich markup
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True,

@@ -12,20 +12,20 @@ from collections.abc import Sequence
 from .errors import UsageError
 
 
-def printable(text: object) -> str:
+def printable(text: object, keep: str = "") -> str:
     """`text` with control and other unprintable characters escaped as repr escapes them
     (`\\x1b`, `\\t`, `\\u200b`, `\\udcff` for an undecodable file-name byte); printable unicode,
-    accents and CJK included, is kept. A file name cannot then move the cursor, clear the
-    screen or split a one-line message."""
+    accents and CJK included, is kept, and so are the characters in `keep`. A file name cannot
+    then move the cursor, clear the screen or split a one-line message."""
     text = str(text)
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 def printable_lines(text: object) -> str:
-    """`printable` line by line: a deliberately multi-line message keeps its line breaks."""
-    return "\n".join(printable(line) for line in str(text).split("\n"))
+    """`printable`, keeping line breaks: for messages and tables that are multi-line on purpose."""
+    return printable(text, keep="\n")
 
 
 def format_classes(names: Sequence[object], limit: int = 6) -> str:

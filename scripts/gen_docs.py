@@ -17,6 +17,7 @@ from pathlib import Path
 
 import typer.main
 from typer import Context
+from typer.core import TyperGroup
 
 # Private, but the only way to get typer's completion scripts as text (present in every typer
 # that pyproject.toml allows, >= 0.26).
@@ -97,6 +98,7 @@ def man_page(name: str, command, synopsis: str, see_also: list[str]) -> str:
 
 def generate() -> dict[Path, str]:
     root = typer.main.get_command(app)
+    assert isinstance(root, TyperGroup)  # an app with several commands
     names = sorted(root.commands)
     files: dict[Path, str] = {
         ROOT / "man" / "fakecifar.1": man_page("fakecifar", root, "fakecifar [OPTIONS] COMMAND [ARGS]...",

@@ -258,7 +258,9 @@ def test_pretrained_resnet20_on_real_cifar10_jpegs(cli, tmp_path):
             if member.isfile() and len(parts) == 3 and per_class.get(parts[1], 0) < 30:
                 per_class[parts[1]] = per_class.get(parts[1], 0) + 1
                 (tmp_path / "src" / parts[1]).mkdir(parents=True, exist_ok=True)
-                (tmp_path / "src" / parts[1] / parts[2]).write_bytes(tar.extractfile(member).read())
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                (tmp_path / "src" / parts[1] / parts[2]).write_bytes(extracted.read())
             if len(per_class) == 10 and min(per_class.values()) >= 30:
                 break
     assert cli("import", tmp_path / "src", "-o", tmp_path / "shards").exit_code == 0
