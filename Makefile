@@ -34,7 +34,7 @@ test-slow: install
 
 # ruff (lint, then format check) and mypy, configured in pyproject.toml; all three run and the
 # target fails if any does. mypy has no package-dir mapping, so core/ and cli/ are first laid out
-# as build/typecheck/fakecifar/ (symlinks; fakecifar/cli/X is cli/X, fakecifar/X is core/X).
+# as build/typecheck/fakecifar/ (symlinks); its messages are given back their source paths.
 TYPECHECK := build/typecheck
 lint: install
 	@status=0; \
@@ -43,7 +43,8 @@ lint: install
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/fakecifar && \
 	for f in core/*; do case $$f in */__pycache__) ;; *) ln -s "$(CURDIR)/$$f" $(TYPECHECK)/fakecifar/ ;; esac; done && \
 	ln -s "$(CURDIR)/cli" $(TYPECHECK)/fakecifar/cli && \
-	$(BIN)/mypy $(TYPECHECK)/fakecifar scripts bench tests || status=1; \
+	{ out=$$($(BIN)/mypy $(TYPECHECK)/fakecifar scripts bench tests) || status=1; } && \
+	echo "$$out" | sed -e 's|^$(TYPECHECK)/fakecifar/cli/|cli/|' -e 's|^$(TYPECHECK)/fakecifar/|core/|'; \
 	exit $$status
 
 docs: install

@@ -26,7 +26,8 @@ from common import best_of, unpacked
 def make_inputs(n: int) -> np.ndarray:
     files = sorted((unpacked("cifar10-train-jpg.tar.gz") / "train").glob("*/*.jpg"))[:: max(1, 50_000 // n)][:n]
     rng = np.random.default_rng(0)
-    big = np.stack([np.asarray(Image.open(f).convert("RGB").resize((256, 256), Image.Resampling.BICUBIC)) for f in files])
+    bicubic = Image.Resampling.BICUBIC
+    big = np.stack([np.asarray(Image.open(f).convert("RGB").resize((256, 256), bicubic)) for f in files])
     return np.clip(big.astype(np.int16) + rng.integers(-24, 25, big.shape), 0, 255).astype(np.uint8)
 
 

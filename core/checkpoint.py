@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import BadCheckpointError, BadImageError, OutputError, UsageError
+from .outputs import write_atomically
 from .text import format_classes, format_size
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ __all__ = [
 FORMAT = "fakecifar-checkpoint"
 VERSION = 1
 ONNX_FORMAT = "fakecifar-onnx"
-PARTIAL = ".partial"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # The normalization the pretrained ResNet-CIFAR files were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -128,84 +128,6 @@ def _validated_meta(
     }
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _write_atomically(path: Path, writer: Callable[[IO[bytes]], object]) -> Path:
-    """Run `writer(file)` on `path.partial`, fsync, then rename over `path`: never a half file.
-    On any failure the partial is removed and `path` (an earlier version) is left as it was; a
-    full disk is NoSpaceError, an unwritable place OutputError (see `_write_failure`)."""
-    partial = path.with_name(path.name + PARTIAL)
-    try:
-        with open(partial, "wb") as fh:
-            writer(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(partial, path)
-    except (OSError, RuntimeError) as exc:
-        error = _write_failure(exc, path, partial)  # before the unlink: it frees the space
-        partial.unlink(missing_ok=True)
-        if error is None:
-            raise
-        raise error from exc
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not every filesystem allows fsync on a directory
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
-
-
-# torch.save reports a failed write as a RuntimeError of its zip writer, not as the OSError.
-_TORCH_WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write failed")
-_FULL_BYTES = 1 << 20  # this little space left after a failed write means the disk filled up
-
-
-def _write_failure(exc: BaseException, path: Path, partial: Path) -> BaseException | None:
-    """The typed error for a failure while writing `path` (via `partial`), or None for one that
-    is not about writing (a bug: re-raised as is).
-
-    torch.save turns whatever its file's write raised into RuntimeError('... unexpected pos
-    ...'), keeping the original as its context: Ctrl-C or SIGTERM (errors.Terminated) met
-    inside it is raised again as itself; an OSError maps through `errors.write_error` (a
-    missing or invalid location is OutputError). A torch write failure with neither is
-    NoSpaceError when the partial's filesystem is (nearly) full."""
-    import errno
-
-    from .errors import FakecifarError, NoSpaceError, write_error
-
-    cause: BaseException | None = exc
-    for _ in range(8):
-        if cause is None or isinstance(cause, OSError):
-            break
-        if not isinstance(cause, Exception):  # KeyboardInterrupt, Terminated
-            return cause
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, OSError):
-        if cause.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
-            return OutputError(f"cannot write {path}: {cause.strerror or cause}",
-                               "check the directory exists and is writable")
-        return write_error(cause, path)
-    text = str(exc)
-    if not isinstance(exc, RuntimeError) or not any(m in text for m in _TORCH_WRITE_FAILURES):
-        return None
-    try:
-        stats = os.statvfs(partial.parent)
-        free = stats.f_bavail * stats.f_frsize
-    except OSError:
-        free = None
-    if free is not None and free < _FULL_BYTES:
-        return NoSpaceError(f"no space left on device writing {path}", "free space or choose another -o")
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return FakecifarError(f"cannot write {path}: {first}", "check the output location (disk, quota, permissions)")
-
-
 # ----------------------------------------------------------------------------- .pt
 
 
@@ -258,7 +180,7 @@ def save_checkpoint(
     if clash:
         raise UsageError(f"save_checkpoint: extra entries {clash} would replace format keys")
     payload.update(extra or {})
-    return _write_atomically(path, writer=lambda fh: torch.save(payload, fh))
+    return write_atomically(path, writer=lambda fh: torch.save(payload, fh))
 
 
 MODEL_KINDS = "a fakecifar .pt, a foreign state dict (.pt/.th, with --arch) or an .onnx model"
@@ -313,6 +235,19 @@ def _refuse_non_model(path: Path, *, onnx: bool = False) -> None:
     kind = _not_a_model(path, onnx=onnx)
     if kind:
         raise BadCheckpointError(f"{path}: not a model file", f"it is {kind}; expected {MODEL_KINDS}")
+
+
+def _refuse_non_onnx(path: Path) -> None:
+    """After an ONNX load failed: a file that does not even start as a model's protobuf does
+    (field 1, ir_version: byte 0x08, which every exporter writes first) is not a model file."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.read(1)
+    except OSError:
+        return
+    if first != b"\x08":
+        raise BadCheckpointError(f"{path}: not a model file",
+                                 f"it does not start as an ONNX model does; expected {MODEL_KINDS}")
 
 
 def _torch_load(path: Path, map_location: Any) -> Any:
@@ -576,7 +511,7 @@ def export_onnx(
         entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
     blob = proto.SerializeToString()
-    return _write_atomically(path, lambda fh: fh.write(blob))
+    return write_atomically(path, lambda fh: fh.write(blob))
 
 
 TIMING_KEYS = frozenset({"images_per_s", "time_s", "elapsed_s"})
@@ -641,6 +576,7 @@ def read_onnx_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
+        _refuse_non_onnx(path)
         raise BadCheckpointError(f"{path}: not a readable ONNX model ({type(exc).__name__})",
                                  "the file is truncated, corrupt or not ONNX") from exc
     return _parse_onnx_meta({p.key: p.value for p in proto.metadata_props}, path)
@@ -666,6 +602,7 @@ class OnnxClassifier:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
+            _refuse_non_onnx(self.path)
             raise BadCheckpointError(f"{self.path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})",
                                      "the file is truncated, corrupt or not ONNX") from exc
         self.meta = _parse_onnx_meta(self.session.get_modelmeta().custom_metadata_map, self.path)

@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FakecifarError, OutputError, OutputExistsError, UsageError, write_error
+from .outputs import PARTIAL, utc_now
 
 MANIFEST = "manifest.json"
 LOCK = ".fakecifar.lock"
 FORMAT = "fakecifar-manifest"
 VERSION = 1
 SUFFIX = ".h5"
-PARTIAL = ".partial"
 ALLOW_HINT = "pass --allow-incomplete to read it anyway"
 
 
@@ -51,12 +51,6 @@ class IncompleteDatasetError(UsageError):
 
 class OutputBusyError(FakecifarError):
     """Another producer holds the output directory's lock (exit 1: wait, or use another -o)."""
-
-
-def _utc_now() -> str:
-    import datetime as _dt
-
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 _command: list[str] | None = None
@@ -163,34 +157,10 @@ def _size(path: Path) -> int | None:
 
 def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
     """Write DIR/manifest.json atomically (partial, fsync, rename, fsync the directory)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    partial = path.with_name(path.name + PARTIAL)
+    from .outputs import write_atomically
+
     data = (json.dumps(manifest, indent=1) + "\n").encode()
-    try:
-        with open(partial, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(partial, path)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise write_error(exc, path) from exc
-    _fsync_dir(directory)
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_atomically(Path(directory) / MANIFEST, lambda fh: fh.write(data))
 
 
 def shard_entry(path: Path, images: int) -> dict:
@@ -205,7 +175,7 @@ def describe_directory(directory: str | os.PathLike, *, command: str | None = No
 
     directory = Path(directory)
     shards = [Shard(p) for p in sorted(directory.glob(f"*{SUFFIX}"))]
-    now = _utc_now()
+    now = utc_now()
     first = shards[0] if shards else None
     return write_manifest(directory, {
         "format": FORMAT, "version": VERSION, "complete": True, "producer": producer,
@@ -242,7 +212,7 @@ class OutputLock:
             raise write_error(exc, self.path) from exc
         if not self.shared:  # a shared lock has several holders: the file names none of them
             info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                               "since": _utc_now()})
+                               "since": utc_now()})
             try:
                 self.path.write_text(info + "\n")
             except OSError:
@@ -328,7 +298,7 @@ class DatasetOutput:
         out = self.directory
         shards = sorted(out.glob(f"*{SUFFIX}"))
         manifest = read_manifest(out) if (out / MANIFEST).exists() else None
-        now = _utc_now()
+        now = utc_now()
         base = {"format": FORMAT, "version": VERSION, "complete": False, "producer": self.producer,
                 "command": self.line, "params": self.params, "created": now, "updated": now,
                 "classes": None, "image_size": None, "images": 0, "shards": [], "resume": {}}
@@ -401,7 +371,7 @@ class DatasetOutput:
             self._manifest["image_size"] = [int(image_size[0]), int(image_size[1])]
 
     def _write(self, *, complete: bool) -> Path:
-        self._manifest.update(complete=complete, updated=_utc_now(), shards=self.finished,
+        self._manifest.update(complete=complete, updated=utc_now(), shards=self.finished,
                               images=self.finished_images, resume=self.resume_state)
         return write_manifest(self.directory, self._manifest)
 

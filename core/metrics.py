@@ -128,7 +128,7 @@ def confusion_heatmap(cm: np.ndarray, classes: Sequence[str], path: str | os.Pat
     with its percentage and count, colour by the row-normalized value. Written atomically."""
     from PIL import Image, ImageDraw
 
-    from .checkpoint import _write_atomically
+    from .outputs import write_atomically
 
     cm = np.asarray(cm, dtype=np.int64)
     k = len(classes)
@@ -191,4 +191,4 @@ def confusion_heatmap(cm: np.ndarray, classes: Sequence[str], path: str | os.Pat
     def write(fh) -> None:
         img.save(fh, format="PNG", optimize=True)
 
-    return _write_atomically(path, write)
+    return write_atomically(path, write)

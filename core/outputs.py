@@ -19,12 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 from .errors import OutputError, UsageError, write_error
 
-__all__ = ["PARTIAL", "check_output_path"]
+__all__ = ["PARTIAL", "check_output_path", "fsync_dir", "utc_now", "write_atomically"]
 
 PARTIAL = ".partial"  # what atomic writers append while a file is being written
 _NAME_MAX = 255
@@ -147,3 +148,95 @@ def _probe(directory: Path, path: Path, option: str) -> None:
         os.unlink(probe)
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def write_atomically(path: Path, writer: Callable[[IO[bytes]], object]) -> Path:
+    """Run `writer(file)` on `path.partial`, fsync, then rename over `path`: never a half file.
+    On any failure the partial is removed and `path` (an earlier version) is left as it was; a
+    full disk is NoSpaceError, an unwritable place OutputError (see `_write_failure`)."""
+    partial = path.with_name(path.name + PARTIAL)
+    try:
+        with open(partial, "wb") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as exc:
+        error = _write_failure(exc, path, partial)  # before the unlink: it frees the space
+        partial.unlink(missing_ok=True)
+        if error is None:
+            raise
+        raise error from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable; not every filesystem allows fsync on a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def utc_now() -> str:
+    """UTC time to the second, ISO 8601 with a Z: what every file fakecifar writes records."""
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# torch.save reports a failed write as a RuntimeError of its zip writer, not as the OSError.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write failed")
+_FULL_BYTES = 1 << 20  # this little space left after a failed write means the disk filled up
+
+
+def _write_failure(exc: BaseException, path: Path, partial: Path) -> BaseException | None:
+    """The typed error for a failure while writing `path` (via `partial`), or None for one that
+    is not about writing (a bug: re-raised as is).
+
+    torch.save turns whatever its file's write raised into RuntimeError('... unexpected pos
+    ...'), keeping the original as its context: Ctrl-C or SIGTERM (errors.Terminated) met
+    inside it is raised again as itself; an OSError maps through `errors.write_error` (a
+    missing or invalid location is OutputError). A torch write failure with neither is
+    NoSpaceError when the partial's filesystem is (nearly) full."""
+    import errno
+
+    from .errors import FakecifarError, NoSpaceError, write_error
+
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None or isinstance(cause, OSError):
+            break
+        if not isinstance(cause, Exception):  # KeyboardInterrupt, Terminated
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        if cause.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+            return OutputError(f"cannot write {path}: {cause.strerror or cause}",
+                               "check the directory exists and is writable")
+        return write_error(cause, path)
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(m in text for m in _TORCH_WRITE_FAILURES):
+        return None
+    try:
+        stats = os.statvfs(partial.parent)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = None
+    if free is not None and free < _FULL_BYTES:
+        return NoSpaceError(f"no space left on device writing {path}", "free space or choose another -o")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return FakecifarError(f"cannot write {path}: {first}", "check the output location (disk, quota, permissions)")

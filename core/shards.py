@@ -16,7 +16,6 @@ be handed to DataLoader workers (fork or spawn).
 
 from __future__ import annotations
 
-import datetime as _dt
 import glob
 import hashlib
 import json
@@ -29,6 +28,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .outputs import PARTIAL, fsync_dir, utc_now
 from .manifest import DatasetOutput, check_dataset_dir, check_listed_shard, read_manifest
 from .errors import BadShardError, IncompatibleShardsError, OutputError, OutputExistsError, UsageError, write_error
 from .text import format_classes
@@ -36,7 +36,6 @@ from .text import format_classes
 FORMAT = "fakecifar-shard"
 VERSION = 1
 SUFFIX = ".h5"
-PARTIAL = ".partial"
 UNLABELED = -1
 ORIGIN_REAL, ORIGIN_FAKE = 0, 1
 ORIGIN_NAMES = ("real", "fake")
@@ -70,23 +69,6 @@ def pixel_sha256(images: np.ndarray) -> np.ndarray:
     """sha256 of each image's pixels (uint8 HxWx3, C order) as S32: the exact-duplicate key."""
     images = np.ascontiguousarray(images, dtype=np.uint8)
     return np.array([hashlib.sha256(img.tobytes()).digest() for img in images], dtype="S32")
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- writing
@@ -250,7 +232,7 @@ class ShardWriter(_AtomicOutput):
         except OSError as exc:
             self.abort()
             raise write_error(exc, self.path) from exc
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self.closed = True
         return self.path
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import typer.main
 from typer import Context
-from typer.core import TyperGroup
 
 # Private, but the only way to get typer's completion scripts as text (present in every typer
 # that pyproject.toml allows, >= 0.26).
 from typer._completion_shared import get_completion_script
+from typer.core import TyperGroup
 
 from fakecifar import __version__
 from fakecifar.cli.app import app
@@ -69,7 +69,8 @@ def man_page(name: str, command, synopsis: str, see_also: list[str]) -> str:
     summary = first_sentence(help_text)
     out = [f'.TH "{title}" "1" "" "fakecifar {__version__}" "fakecifar manual"',
            ".SH NAME", f"{name} \\- {roff(summary)}",
-           ".SH SYNOPSIS", f".B {synopsis.split(' ', 1)[0]}", roff(synopsis.split(" ", 1)[1]) if " " in synopsis else "",
+           ".SH SYNOPSIS", f".B {synopsis.split(' ', 1)[0]}",
+           roff(synopsis.split(" ", 1)[1]) if " " in synopsis else "",
            ".SH DESCRIPTION", description(help_text)]
     ctx = Context(command, info_name=name)
     params = [p for p in command.params if p.name not in ("install_completion", "show_completion")]

@@ -89,7 +89,7 @@ class _Bucket:
             return False
 
 
-class _SlidingWindow:
+class SlidingWindow:
     """At most `limit` accepted requests with an arrival time in (now - window, now]: a
     sliding log, as strict gateways keep one. Refused requests do not count against it."""
 
@@ -100,9 +100,9 @@ class _SlidingWindow:
         self.accepted: deque[float] = deque()
         self.lock = threading.Lock()
 
-    def take(self) -> bool:
+    def take(self, now: float | None = None) -> bool:
         with self.lock:
-            now = time.monotonic()
+            now = time.monotonic() if now is None else now
             while self.accepted and self.accepted[0] <= now - self.window:
                 self.accepted.popleft()
             if len(self.accepted) >= self.limit:
@@ -117,7 +117,7 @@ def _limiter(kind: str, rate: float | None):
     if kind == "bucket":
         return _Bucket(rate)
     if kind == "window":
-        return _SlidingWindow(rate)
+        return SlidingWindow(rate)
     raise ValueError(f"unknown limiter {kind!r}")
 
 

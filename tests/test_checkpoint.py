@@ -480,9 +480,9 @@ def test_a_signal_inside_torch_save_is_raised_as_itself(tmp_path: Path, monkeypa
         def __exit__(self, *exc):
             self._fh.close()
 
-    import fakecifar.checkpoint as ck
+    import fakecifar.outputs as writes
 
-    monkeypatch.setattr(ck, "open", lambda f, mode="r", *a, **k: Interrupted(real_open(f, mode, *a, **k)),
+    monkeypatch.setattr(writes, "open", lambda f, mode="r", *a, **k: Interrupted(real_open(f, mode, *a, **k)),
                         raising=False)
     with pytest.raises(Terminated):
         save(path, build_model("lenet5", 3), arch="lenet5")

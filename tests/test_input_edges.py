@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from fakecifar.cli.app import COMMANDS
+
 from helpers import CLASSES3, REPO, cli_in_fresh_process, one_error_line, random_images, write_image
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -239,12 +240,16 @@ def test_a_file_that_is_not_a_model_says_so(cli, non_models, make_shard, image, 
     assert not (tmp_path / "out.pt").exists()
 
 
-def test_a_non_model_named_onnx_is_refused_without_torch(tmp_path, image):
-    notes = tmp_path / "notes.onnx"
+def test_a_non_model_named_onnx_is_refused_without_torch(cli, tmp_path, image):
+    notes, junk = tmp_path / "notes.onnx", tmp_path / "junk.onnx"
     notes.write_text("not a model\n")
+    junk.write_bytes(JUNK * 20)
     run = cli_in_fresh_process("detect", "--model", notes, image)
     assert run.exit_code == 2 and run.stdout == "" and "torch" not in run.imported
     assert run.stderr.strip().startswith(f"fakecifar detect: error: {notes}: not a model file (it is text;")
+    r = cli("detect", "--model", junk, image)
+    assert r.exit_code == 2 and r.stdout == ""
+    one_error_line(r, f"{junk}: not a model file (it does not start as an ONNX model does", command="detect")
 
 
 # ----------------------------------------------------------------------------- help

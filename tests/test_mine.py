@@ -9,7 +9,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from mine_server import MineServer, ServerConfig, folder_contents
+from mine_server import MineServer, ServerConfig, SlidingWindow, folder_contents
 
 from fakecifar.mine.phash import hamming
 from fakecifar.shards import Shard
@@ -350,6 +350,28 @@ def test_server_rate_limit_slows_the_client_down(cli, serve, tmp_path):
     assert "slowing down" in result.stderr
     data = folder_contents(tmp_path / "raw")
     assert data["counts"] == {"a": 45, "b": 45, "c": 45} and len(set(data["sha"])) == 135
+
+
+def test_strict_window_limit_counts_the_last_second_half_open():
+    limit = SlidingWindow(3)
+    assert [limit.take(t) for t in (100.0, 100.5, 100.9, 100.95)] == [True, True, True, False]
+    assert limit.take(101.0)  # 100.0 is out of (100.0, 101.0]
+    assert not limit.take(101.4) and limit.take(101.5)
+
+
+def test_explicit_rate_never_trips_a_strict_window_limit(cli, serve, tmp_path):
+    # Exactly 20 requests allowed in any second, 429 for the 21st: pacing at --rate 20 must
+    # stay under it by itself (no 429, so the rate is never cut), 4 threads or not.
+    server = serve(api="craiyon", rate_limit=20, limiter="window", images=1, size=8)
+    result = cli("mine", "--api", "craiyon", "--url", server.url, "-o", tmp_path / "raw", "--rate", "20",
+                 "--concurrency", "4", "--classes", "a,b", "--per-class", "15", "--backoff", "0.01",
+                 "--timeout", "5", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json_line(result)
+    assert server.by_status == {200: 30}
+    assert summary["requests"] == 30 and summary["rate_limited"] == 0 and summary["retries"] == 0
+    assert summary["final_rate"] == 20 and "slowing down" not in result.stderr
+    assert folder_contents(tmp_path / "raw")["counts"] == {"a": 15, "b": 15}
 
 
 def test_images_are_stored_at_native_size_one_series_per_size(mine, serve, tmp_path):

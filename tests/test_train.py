@@ -561,15 +561,15 @@ def _inject_enospc(monkeypatch, module, suffix: str, skip: int = 0, budget: int 
 @pytest.mark.parametrize("where", ["checkpoint", "onnx", "log"])
 def test_injected_enospc_is_one_line_and_keeps_earlier_files(cli, data, tmp_path, monkeypatch, where):
     """The same faults without a mount: OSError(ENOSPC) from the file's write."""
-    import fakecifar.checkpoint
+    import fakecifar.outputs
     import fakecifar.train
 
     out, log_file = tmp_path / "m.pt", tmp_path / "log.jsonl"
     if where == "checkpoint":  # the epoch-2 save fails inside torch.save
-        _inject_enospc(monkeypatch, fakecifar.checkpoint, ".pt.partial", skip=1)
+        _inject_enospc(monkeypatch, fakecifar.outputs, ".pt.partial", skip=1)
         failed = out
     elif where == "onnx":
-        _inject_enospc(monkeypatch, fakecifar.checkpoint, ".onnx.partial")
+        _inject_enospc(monkeypatch, fakecifar.outputs, ".onnx.partial")
         failed = out.with_suffix(".onnx")
     else:  # the first line of the log (the creation of the empty log succeeds: it writes nothing)
         _inject_enospc(monkeypatch, fakecifar.train, ".jsonl", budget=0)
