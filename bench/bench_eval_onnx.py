@@ -50,8 +50,15 @@ def main() -> None:
         if pt is None:
             model, meta = load_checkpoint(require(SHARED_MODELS / "resnet20-12fca82f.th"), arch="resnet20")
             pt = Path(tmp) / "resnet20.pt"
-            save_checkpoint(pt, model, arch="resnet20", classes=meta["classes"], mean=meta["mean"],
-                            std=meta["std"], input_size=meta["input_size"])
+            save_checkpoint(
+                pt,
+                model,
+                arch="resnet20",
+                classes=meta["classes"],
+                mean=meta["mean"],
+                std=meta["std"],
+                input_size=meta["input_size"],
+            )
         model, meta = load_checkpoint(pt)
         onnx = export_onnx(model, meta, Path(tmp) / "model.onnx")
         runtimes = {"torch (.pt)": load_classifier(pt, device="cpu"), "onnxruntime (.onnx)": load_classifier(onnx)}
@@ -64,8 +71,10 @@ def main() -> None:
                 best[name] = max(best.get(name, 0.0), len(data) / (time.perf_counter() - start))
     (t_name, t), (o_name, o) = results.items()
     agree = float((t["_predictions"] == o["_predictions"]).mean())
-    print(f"{meta['arch']} on {len(data)} CIFAR-10 JPEG training images, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}, best of {args.repeat}")
+    print(
+        f"{meta['arch']} on {len(data)} CIFAR-10 JPEG training images, batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}, best of {args.repeat}"
+    )
     ref = best[t_name]
     for name, value in best.items():
         print(f"{name:22s} {value:9,.0f} images/s  {value / ref:5.2f}x  top-1 {100 * results[name]['top1']:.2f}%")

@@ -43,18 +43,21 @@ def main() -> None:
     data = open_shards([shards])
 
     reference = torchvision.datasets.ImageFolder(
-        str(folder), transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)]))
+        str(folder), transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    )
     reference = torch.utils.data.Subset(reference, torch.randperm(len(reference))[: args.images].tolist())
-    ref_loader = torch.utils.data.DataLoader(reference, batch_size=256, shuffle=True, num_workers=args.workers,
-                                             persistent_workers=False)
+    ref_loader = torch.utils.data.DataLoader(
+        reference, batch_size=256, shuffle=True, num_workers=args.workers, persistent_workers=False
+    )
     t_ref = best_of(lambda: epoch(ref_loader), repeat=2)
 
     n = min(args.images, len(data))
     idx = None if n == len(data) else torch.randperm(len(data))[:n].numpy()
     # A fresh loader each time: the epoch includes reading the shards from disk.
     t_mem = best_of(lambda: epoch(BatchLoader(data, 256, shuffle=True, mean=MEAN, std=STD, indices=idx)))
-    t_stream = best_of(lambda: epoch(BatchLoader(data, 256, shuffle=True, mean=MEAN, std=STD, indices=idx,
-                                                 memory_limit=0)))
+    t_stream = best_of(
+        lambda: epoch(BatchLoader(data, 256, shuffle=True, mean=MEAN, std=STD, indices=idx, memory_limit=0))
+    )
     print(f"images per epoch: {n}; reference workers: {args.workers}; torch threads: {torch.get_num_threads()}")
     print(f"ImageFolder+DataLoader      {n / t_ref:>10,.0f} images/s")
     print(f"BatchLoader (in memory)     {n / t_mem:>10,.0f} images/s   ratio {t_ref / t_mem:6.1f}x")
@@ -64,8 +67,14 @@ def main() -> None:
     for compression in (None, "lzf"):
         target = CACHE / f"cifar10-{compression or 'none'}"
         shutil.rmtree(target, ignore_errors=True)
-        with ShardSeriesWriter(target, shard_size=10_000, classes=data.classes, image_size=data.image_size,
-                               producer="bench", compression=compression) as w:
+        with ShardSeriesWriter(
+            target,
+            shard_size=10_000,
+            classes=data.classes,
+            image_size=data.image_size,
+            producer="bench",
+            compression=compression,
+        ) as w:
             for _, chunk in data.iter_chunks(("images", "labels")):
                 w.add_batch(chunk["images"], chunk["labels"])
         size = sum(p.stat().st_size for p in target.glob("*.h5"))

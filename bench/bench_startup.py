@@ -1,6 +1,6 @@
 """Cold start of `fakecifar --help` (issue 2 goal: <= 0.3 s wall) vs `python -c "import torch"`.
 
-    .venv/bin/python bench/bench_startup.py [--repeat 7]
+.venv/bin/python bench/bench_startup.py [--repeat 7]
 """
 
 from __future__ import annotations

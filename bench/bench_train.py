@@ -51,14 +51,23 @@ def subset_shard(n: int, seed: int = 0) -> tuple[Path, list[str]]:
 
 def reference_epoch(folder: Path, files: list[str], workers: int, bf16: bool = False) -> float:
     """One epoch of the plain loop over the given files; returns images/s."""
-    dataset = torchvision.datasets.ImageFolder(str(folder), transform=transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD)]))
+    dataset = torchvision.datasets.ImageFolder(
+        str(folder),
+        transform=transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        ),
+    )
     wanted = {str(Path(f).relative_to("train")) if f.startswith("train/") else f for f in files}
     index = [i for i, (p, _) in enumerate(dataset.samples) if str(Path(p).relative_to(folder)) in wanted]
     assert len(index) == len(files), (len(index), len(files))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, index), batch_size=256, shuffle=True,
-                                         num_workers=workers, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, index), batch_size=256, shuffle=True, num_workers=workers, drop_last=True
+    )
     model = build_model("resnet20", 10)
     if bf16:
         model = model.to(memory_format=torch.channels_last)
@@ -81,8 +90,9 @@ def reference_epoch(folder: Path, files: list[str], workers: int, bf16: bool = F
 
 def fakecifar_epoch(shard: Path, precision: str, channels_last: bool | None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        config = make_config(model="resnet20", epochs=1, batch_size=256, precision=precision,
-                             channels_last=channels_last, device="cpu")
+        config = make_config(
+            model="resnet20", epochs=1, batch_size=256, precision=precision, channels_last=channels_last, device="cpu"
+        )
         result = train(open_shards([shard]), Path(tmp) / "m.pt", config)
     return result.history[-1]["images_per_s"]
 
@@ -97,16 +107,20 @@ def main() -> None:
     shard, files = subset_shard(args.images)
     bf16 = cpu_has_fast_bf16()
     variants = {
-        f"reference: ImageFolder+transforms+DataLoader({args.workers} workers), fp32":
-            lambda: reference_epoch(folder, files, args.workers),
-        "fakecifar train loop, fp32 (--precision fp32 --no-channels-last)":
-            lambda: fakecifar_epoch(shard, "fp32", False),
+        f"reference: ImageFolder+transforms+DataLoader({args.workers} workers), fp32": lambda: reference_epoch(
+            folder, files, args.workers
+        ),
+        "fakecifar train loop, fp32 (--precision fp32 --no-channels-last)": lambda: fakecifar_epoch(
+            shard, "fp32", False
+        ),
     }
     if bf16:
-        variants[f"reference + bf16 autocast + channels_last ({args.workers} workers)"] = \
-            lambda: reference_epoch(folder, files, args.workers, bf16=True)
-        variants["fakecifar train loop, default (--precision auto: bf16 + channels_last on this CPU)"] = \
-            lambda: fakecifar_epoch(shard, "auto", None)
+        variants[f"reference + bf16 autocast + channels_last ({args.workers} workers)"] = lambda: reference_epoch(
+            folder, files, args.workers, bf16=True
+        )
+        variants["fakecifar train loop, default (--precision auto: bf16 + channels_last on this CPU)"] = lambda: (
+            fakecifar_epoch(shard, "auto", None)
+        )
     best: dict[str, float] = {}
     for r in range(args.repeat):
         for name, fn in variants.items():
@@ -114,8 +128,10 @@ def main() -> None:
             best[name] = max(best.get(name, 0.0), value)
             print(f"  run {r + 1}: {name}: {value:,.0f} images/s", flush=True)
     ref = next(iter(best.values()))
-    print(f"resnet20, batch 256, {args.images} images, torch threads {torch.get_num_threads()}, "
-          f"AMX bf16: {bf16}; best of {args.repeat}")
+    print(
+        f"resnet20, batch 256, {args.images} images, torch threads {torch.get_num_threads()}, "
+        f"AMX bf16: {bf16}; best of {args.repeat}"
+    )
     for name, value in best.items():
         print(f"{name:90s} {value:8,.0f} images/s  {value / ref:5.2f}x")
 

@@ -25,9 +25,9 @@ from .common import Settings
 app = typer.Typer(
     name="fakecifar",
     help="Composable tools for synthetic-image and model-extraction research on small images.\n\n"
-         "Commands read and write HDF5 shards; producers print the paths they write, one a line, "
-         "so commands chain in pipes: fakecifar import SRC -o raw | fakecifar resize --size 16 -o small "
-         "| fakecifar stats",
+    "Commands read and write HDF5 shards; producers print the paths they write, one a line, "
+    "so commands chain in pipes: fakecifar import SRC -o raw | fakecifar resize --size 16 -o small "
+    "| fakecifar stats",
     no_args_is_help=True,
     add_completion=True,
     # Plain (click) help, not rich panels: rich shows flags as `--tta <bool>` and cuts long option
@@ -62,8 +62,11 @@ class _Command(typer.core.TyperCommand):
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
             if record is not None:
-                title = "Arguments" if param.param_type_name == "argument" else \
-                    getattr(param, "rich_help_panel", None) or "Options"
+                title = (
+                    "Arguments"
+                    if param.param_type_name == "argument"
+                    else getattr(param, "rich_help_panel", None) or "Options"
+                )
                 sections.setdefault(title, []).append(record)
         sections["Options"] = sections.pop("Options", [])  # the ungrouped ones (--help) last
         for title, rows in sections.items():
@@ -78,8 +81,9 @@ def _summary(doc: str | None) -> str:
 
 
 for _name, _module in COMMANDS.items():
-    app.command(name=_name, help=_module.__doc__, short_help=_summary(_module.__doc__), no_args_is_help=False,
-                cls=_Command)(_module.run)
+    app.command(
+        name=_name, help=_module.__doc__, short_help=_summary(_module.__doc__), no_args_is_help=False, cls=_Command
+    )(_module.run)
 
 
 def _version(value: bool) -> None:
@@ -92,8 +96,9 @@ def _version(value: bool) -> None:
 def root(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and warnings on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also FAKECIFAR_DEBUG=1)."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     Settings.quiet = quiet
     Settings.debug = Settings.debug or debug
@@ -192,8 +197,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
             code = 1
         else:
-            _error(prog, f"internal error: {type(exc).__name__}: {exc} "
-                         "(rerun with --debug for the traceback and report it)")
+            _error(
+                prog,
+                f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)",
+            )
             code = 1
     if in_main_thread:  # in-process callers (tests, scripts) get their own handler back
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -11,12 +11,13 @@ from contextlib import contextmanager
 
 import typer
 
-
 # Defined once, used by every command that reads shards (fakecifar.manifest says why).
 ALLOW_INCOMPLETE = typer.Option(
-    False, "--allow-incomplete",
+    False,
+    "--allow-incomplete",
     help="Read a directory even if its manifest.json is missing, says the run that wrote it was interrupted, "
-         "or disagrees with its shards.")
+    "or disagrees with its shards.",
+)
 
 
 class Settings:
@@ -104,9 +105,16 @@ def progress(total: int | None, description: str) -> Iterator:
 
     description = escape(printable(description))  # a name like 'm[/].pt' is not rich markup
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True,
-                  redirect_stdout=False, redirect_stderr=False) as bar:  # stdout carries data
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    ) as bar:  # stdout carries data
         task = bar.add_task(description, total=total)
         yield _RichProgress(bar, task)
 

@@ -12,8 +12,12 @@ from .common import ALLOW_INCOMPLETE, emit, emit_json, log, progress, require_in
 
 
 def run(
-    model_args: list[str] = typer.Argument(None, metavar="MODEL", help="The model file, optionally followed by datasets (or give them "
-                                                "with --on).", show_default=False),
+    model_args: list[str] = typer.Argument(
+        None,
+        metavar="MODEL",
+        help="The model file, optionally followed by datasets (or give them with --on).",
+        show_default=False,
+    ),
     on: list[str] = typer.Option(None, "--on", help="Shards, directories or quoted globs: one dataset."),
     arch: str = typer.Option(None, "--arch", help="Architecture of a foreign checkpoint (e.g. resnet56), or auto."),
     target: str = typer.Option("auto", "--target", help="auto, class, origin or origin+class."),
@@ -53,8 +57,16 @@ def run(
     name = datasets[0] if len(datasets) == 1 else f"{datasets[0]} (+{len(datasets) - 1})"
     clf = load_classifier(models[0], arch=arch, device=device, threads=threads)
     with progress(len(data), f"{clf.name} on {name}") as bar:
-        result = evaluate(clf, data, target=target, map_classes=map_classes, batch_size=batch_size, tta=tta,
-                          data_name=name, on_progress=bar.advance)
+        result = evaluate(
+            clf,
+            data,
+            target=target,
+            map_classes=map_classes,
+            batch_size=batch_size,
+            tta=tta,
+            data_name=name,
+            on_progress=bar.advance,
+        )
     if result["skipped"]:
         warn(f"{name}: {result['skipped']} image(s) without a {result['target']} target the model knows were skipped")
     classes, cm = result["classes"], result["confusion"]
@@ -64,9 +76,19 @@ def run(
         written = confusion_heatmap(cm, classes, png, title=f"{clf.name} on {name}: top-1 {100 * result['top1']:.1f}%")
         log(f"wrote {written}")
     if json_output:
-        emit_json({"model": str(clf.path), "dataset": name, "target": result["target"], "classes": classes,
-                   "counts": cm, "normalized": frac.round(6), "top1": result["top1"], "images": result["images"],
-                   **({"png": str(png)} if png else {})})
+        emit_json(
+            {
+                "model": str(clf.path),
+                "dataset": name,
+                "target": result["target"],
+                "classes": classes,
+                "counts": cm,
+                "normalized": frac.round(6),
+                "top1": result["top1"],
+                "images": result["images"],
+                **({"png": str(png)} if png else {}),
+            }
+        )
         return
     if csv:
         import csv as csvlib
@@ -85,5 +107,11 @@ def run(
     emit(tabulate([[c, *row] for c, row in zip(classes, cm.tolist())], headers=headers))
     emit("")
     emit("row-normalized %")
-    emit(tabulate([[c, *(f"{100 * v:.1f}" for v in row)] for c, row in zip(classes, frac.tolist())],
-                  headers=headers, disable_numparse=True, colalign=("left",) + ("right",) * len(classes)))
+    emit(
+        tabulate(
+            [[c, *(f"{100 * v:.1f}" for v in row)] for c, row in zip(classes, frac.tolist())],
+            headers=headers,
+            disable_numparse=True,
+            colalign=("left",) + ("right",) * len(classes),
+        )
+    )

@@ -21,19 +21,37 @@ def split_models_and_datasets(args: list[str], on: list[str]) -> tuple[list[str]
 
 
 def run(
-    model_args: list[str] = typer.Argument(None, metavar="MODEL", help="Model files (.pt, .onnx, .th), or paths on stdin; datasets may "
-                                                "follow --on.", show_default=False),
-    on: list[str] = typer.Option(None, "--on", help="Dataset(s) to evaluate on: each a shard, a directory or a "
-                                                    "quoted glob; `--on A B` or `--on A --on B`."),
-    arch: str = typer.Option(None, "--arch", help="Architecture of foreign checkpoints (e.g. resnet56 for the "
-                                                  "ResNet-CIFAR .th files), or auto: the one whose "
-                                                  "layer names and shapes fit each file."),
-    target: str = typer.Option("auto", "--target", help="auto, class, origin (real/fake) or origin+class; auto "
-                                                        "follows the model's class names."),
-    map_classes: bool = typer.Option(False, "--map-classes", help="Match model and dataset classes by name "
-                                                                  "(images of classes the model lacks are skipped)."),
-    attack: str = typer.Option(None, "--attack", help="pgd-l2: robust accuracy under an L2 PGD attack in [0,1] "
-                                                      "pixel space (torch models)."),
+    model_args: list[str] = typer.Argument(
+        None,
+        metavar="MODEL",
+        help="Model files (.pt, .onnx, .th), or paths on stdin; datasets may follow --on.",
+        show_default=False,
+    ),
+    on: list[str] = typer.Option(
+        None,
+        "--on",
+        help="Dataset(s) to evaluate on: each a shard, a directory or a quoted glob; `--on A B` or `--on A --on B`.",
+    ),
+    arch: str = typer.Option(
+        None,
+        "--arch",
+        help="Architecture of foreign checkpoints (e.g. resnet56 for the "
+        "ResNet-CIFAR .th files), or auto: the one whose "
+        "layer names and shapes fit each file.",
+    ),
+    target: str = typer.Option(
+        "auto",
+        "--target",
+        help="auto, class, origin (real/fake) or origin+class; auto follows the model's class names.",
+    ),
+    map_classes: bool = typer.Option(
+        False,
+        "--map-classes",
+        help="Match model and dataset classes by name (images of classes the model lacks are skipped).",
+    ),
+    attack: str = typer.Option(
+        None, "--attack", help="pgd-l2: robust accuracy under an L2 PGD attack in [0,1] pixel space (torch models)."
+    ),
     eps: str = typer.Option("0,0.5,1,2", "--eps", help="Attack radii, comma-separated."),
     steps: int = typer.Option(20, "--steps", help="Attack steps (step size 2.5*eps/steps)."),
     tta: bool = typer.Option(False, "--tta", help="Average the logits of each image and its mirror."),
@@ -71,14 +89,28 @@ def run(
         clf = load_classifier(model_path, arch=arch, device=device, threads=threads)
         for name, data in sets:
             with progress(len(data), f"{clf.name} on {name}") as bar:
-                result = evaluate(clf, data, target=target, map_classes=map_classes, batch_size=batch_size,
-                                  tta=tta, attack=attack, eps=radii, steps=steps, data_name=name,
-                                  on_progress=bar.advance)
+                result = evaluate(
+                    clf,
+                    data,
+                    target=target,
+                    map_classes=map_classes,
+                    batch_size=batch_size,
+                    tta=tta,
+                    attack=attack,
+                    eps=radii,
+                    steps=steps,
+                    data_name=name,
+                    on_progress=bar.advance,
+                )
             if result["skipped"]:
-                warn(f"{name}: {result['skipped']} image(s) without a {result['target']} target the model knows "
-                     "were skipped")
-            log(f"{model_path} on {name}: top-1 {100 * result['top1']:.2f}% ({result['images']} images, "
-                f"{result['runtime']})")
+                warn(
+                    f"{name}: {result['skipped']} image(s) without a {result['target']} target the model knows "
+                    "were skipped"
+                )
+            log(
+                f"{model_path} on {name}: top-1 {100 * result['top1']:.2f}% ({result['images']} images, "
+                f"{result['runtime']})"
+            )
             results.append(result)
             grid[(model_path, name)] = result
             if json_output:
@@ -92,30 +124,54 @@ def run(
 
 
 def print_single(r: dict) -> None:
-    from fakecifar.metrics import percent
     from tabulate import tabulate
 
-    emit(f"model {r['model']} ({r['arch']}, {r['runtime']}) on {r['dataset']}: {r['images']} images, "
-         f"target {r['target']}" + (", flip TTA" if r["tta"] else ""))
+    from fakecifar.metrics import percent
+
+    emit(
+        f"model {r['model']} ({r['arch']}, {r['runtime']}) on {r['dataset']}: {r['images']} images, "
+        f"target {r['target']}" + (", flip TTA" if r["tta"] else "")
+    )
     emit(f"top-1 {percent(r['top1'])}%   top-5 {percent(r['top5'])}" + ("%" if r["top5"] is not None else ""))
     rows = []
     for name, m in r["per_class"].items():
-        rows.append([name, percent(m["precision"]), percent(m["recall"]), percent(m["f1"]), percent(m["f2"]),
-                     m["support"]])
+        rows.append(
+            [name, percent(m["precision"]), percent(m["recall"]), percent(m["f1"]), percent(m["f2"]), m["support"]]
+        )
     mac = r["macro"]
-    rows.append(["macro avg", percent(mac["precision"]), percent(mac["recall"]), percent(mac["f1"]),
-                 percent(mac["f2"]), r["images"]])
-    emit(tabulate(rows, headers=["class", "precision %", "recall %", "F1 %", "F2 %", "support"],
-                  disable_numparse=True, colalign=("left", "right", "right", "right", "right", "right")))
+    rows.append(
+        [
+            "macro avg",
+            percent(mac["precision"]),
+            percent(mac["recall"]),
+            percent(mac["f1"]),
+            percent(mac["f2"]),
+            r["images"],
+        ]
+    )
+    emit(
+        tabulate(
+            rows,
+            headers=["class", "precision %", "recall %", "F1 %", "F2 %", "support"],
+            disable_numparse=True,
+            colalign=("left", "right", "right", "right", "right", "right"),
+        )
+    )
     if r.get("robust"):
-        emit(tabulate([[e, percent(a)] for e, a in r["robust"].items()],
-                      headers=[f"{r['attack']} eps (L2, steps {r['steps']})", "robust top-1 %"],
-                      disable_numparse=True, colalign=("right", "right")))
+        emit(
+            tabulate(
+                [[e, percent(a)] for e, a in r["robust"].items()],
+                headers=[f"{r['attack']} eps (L2, steps {r['steps']})", "robust top-1 %"],
+                disable_numparse=True,
+                colalign=("right", "right"),
+            )
+        )
 
 
 def print_cross(by: dict, models: list[str], datasets: list[str]) -> None:
-    from fakecifar.metrics import percent
     from tabulate import tabulate
+
+    from fakecifar.metrics import percent
 
     results = list(by.values())
     eps_keys = list(results[0].get("robust", {}).keys()) if results and results[0].get("robust") else []
@@ -126,5 +182,8 @@ def print_cross(by: dict, models: list[str], datasets: list[str]) -> None:
         for e in eps_keys:
             if float(e) > 0:
                 rows.append([f"{model} eps={e}"] + [percent(c["robust"][e]) if c else "-" for c in cells])
-    emit(tabulate(rows, headers=["top-1 %"] + datasets, disable_numparse=True,
-                  colalign=("left",) + ("right",) * len(datasets)))
+    emit(
+        tabulate(
+            rows, headers=["top-1 %"] + datasets, disable_numparse=True, colalign=("left",) + ("right",) * len(datasets)
+        )
+    )

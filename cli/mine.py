@@ -62,8 +62,9 @@ def _reflow(text: str) -> str:
     paragraphs = []
     for para in text.split("\n\n"):
         lines = para.split("\n")
-        paragraphs.append(para if any(line.startswith("  ") for line in lines)
-                          else " ".join(line.strip() for line in lines))
+        paragraphs.append(
+            para if any(line.startswith("  ") for line in lines) else " ".join(line.strip() for line in lines)
+        )
     return "\n\n".join(paragraphs)
 
 
@@ -97,8 +98,10 @@ def _key(api_cls, env_name: str | None, key_file: Path | None):
 def _summary(report, output: Path, per_class: int) -> None:
     r = report
     shards = len(r.shards)
-    line = (f"{r.images} new image(s) in {shards} shard(s) in {r.elapsed:.1f} s ({r.images_per_s:.2f} images/s); "
-            f"{r.requests} request(s)")
+    line = (
+        f"{r.images} new image(s) in {shards} shard(s) in {r.elapsed:.1f} s ({r.images_per_s:.2f} images/s); "
+        f"{r.requests} request(s)"
+    )
     if r.mean_latency is not None:
         line += f", mean latency {r.mean_latency:.2f} s"
     if r.rate_limited:
@@ -108,10 +111,16 @@ def _summary(report, output: Path, per_class: int) -> None:
     log(line)
     if r.failures:
         log("failures: " + ", ".join(f"{k} {v}" for k, v in sorted(r.failures.items(), key=lambda kv: -kv[1])))
-    dropped = [f"{n} {what}" for n, what in ((r.duplicates, "exact duplicate(s)"),
-                                            (r.near_duplicates, "near duplicate(s)"),
-                                            (r.surplus, "over the quota"), (r.bad_images, "undecodable"))
-               if n]
+    dropped = [
+        f"{n} {what}"
+        for n, what in (
+            (r.duplicates, "exact duplicate(s)"),
+            (r.near_duplicates, "near duplicate(s)"),
+            (r.surplus, "over the quota"),
+            (r.bad_images, "undecodable"),
+        )
+        if n
+    ]
     if dropped:
         log("dropped: " + ", ".join(dropped))
     have = sum(r.per_class.values())
@@ -127,74 +136,158 @@ def _summary(report, output: Path, per_class: int) -> None:
 
 
 def run(
-    api: str = typer.Option(..., "--api", help="The API's protocol: craiyon, a1111, openai or hf.",
-                            rich_help_panel="What to mine"),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for the shards; a rerun resumes from it.",
-                                rich_help_panel="What to mine"),
-    per_class: int = typer.Option(..., "--per-class", help="Images wanted per class in the folder (the quota).",
-                                  rich_help_panel="What to mine"),
-    url: str = typer.Option(None, "--url", help="Base URL of the API (default: the API's public address; "
-                                                "a1111: http://127.0.0.1:7860).", rich_help_panel="What to mine"),
-    classes: str = typer.Option("cifar10", "--classes", help="Class names in label order: 'cifar10', 'a,b,c' or a "
-                                                             "file with one name a line.",
-                                rich_help_panel="What to mine"),
-    prompts: list[str] = typer.Option(None, "--prompt", help="Prompt template; {class} is replaced by the class name. "
-                                                             "Repeat to rotate several. Default: 'a photo of a {class}'.",
-                                      rich_help_panel="What to mine"),
-    negative_prompt: str = typer.Option(None, "--negative-prompt", help="Negative prompt (a1111, hf).",
-                                        rich_help_panel="What to mine"),
-    model: str = typer.Option(None, "--model", help="Model: openai dall-e-2 (default), dall-e-3, gpt-image-1; hf repo "
-                                                    "id; a1111 checkpoint (default: the one loaded).",
-                              rich_help_panel="Generation"),
-    size: str = typer.Option(None, "--size", help="Image size HxW (height x width) or N (square) to ask the API "
-                                                  "for; stored as returned.",
-                             rich_help_panel="Generation"),
-    batch: int = typer.Option(None, "--batch", help="Images per request where the API lets you choose (a1111, openai).",
-                              rich_help_panel="Generation"),
+    api: str = typer.Option(
+        ..., "--api", help="The API's protocol: craiyon, a1111, openai or hf.", rich_help_panel="What to mine"
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Folder for the shards; a rerun resumes from it.", rich_help_panel="What to mine"
+    ),
+    per_class: int = typer.Option(
+        ..., "--per-class", help="Images wanted per class in the folder (the quota).", rich_help_panel="What to mine"
+    ),
+    url: str = typer.Option(
+        None,
+        "--url",
+        help="Base URL of the API (default: the API's public address; a1111: http://127.0.0.1:7860).",
+        rich_help_panel="What to mine",
+    ),
+    classes: str = typer.Option(
+        "cifar10",
+        "--classes",
+        help="Class names in label order: 'cifar10', 'a,b,c' or a file with one name a line.",
+        rich_help_panel="What to mine",
+    ),
+    prompts: list[str] = typer.Option(
+        None,
+        "--prompt",
+        help="Prompt template; {class} is replaced by the class name. "
+        "Repeat to rotate several. Default: 'a photo of a {class}'.",
+        rich_help_panel="What to mine",
+    ),
+    negative_prompt: str = typer.Option(
+        None, "--negative-prompt", help="Negative prompt (a1111, hf).", rich_help_panel="What to mine"
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="Model: openai dall-e-2 (default), dall-e-3, gpt-image-1; hf repo "
+        "id; a1111 checkpoint (default: the one loaded).",
+        rich_help_panel="Generation",
+    ),
+    size: str = typer.Option(
+        None,
+        "--size",
+        help="Image size HxW (height x width) or N (square) to ask the API for; stored as returned.",
+        rich_help_panel="Generation",
+    ),
+    batch: int = typer.Option(
+        None,
+        "--batch",
+        help="Images per request where the API lets you choose (a1111, openai).",
+        rich_help_panel="Generation",
+    ),
     steps: int = typer.Option(None, "--steps", help="Sampling steps (a1111, hf).", rich_help_panel="Generation"),
-    cfg_scale: float = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (a1111, hf).",
-                                    rich_help_panel="Generation"),
-    sampler: str = typer.Option(None, "--sampler", help="Sampler name (a1111), e.g. 'Euler a'.",
-                                rich_help_panel="Generation"),
-    seed: int = typer.Option(None, "--seed", help="Seed of the seeds sent to a1111/hf and of the backoff jitter.",
-                             rich_help_panel="Generation"),
-    rate: float = typer.Option(None, "--rate", help="Request starts per second, at most (0: unlimited). Default per "
-                                                    "API: craiyon 3.3, openai 0.5, hf 1, a1111 unlimited.",
-                               rich_help_panel="Pacing and limits"),
-    concurrency: int = typer.Option(None, "--concurrency", "-j", help="Requests in flight, at most. Default per API: "
-                                                                      "craiyon 16, openai 4, hf 2, a1111 1.",
-                                    rich_help_panel="Pacing and limits"),
-    timeout: float = typer.Option(None, "--timeout", help="Seconds for one request, complete (default per API: "
-                                                          "craiyon 300, a1111 900, openai 180, hf 300).",
-                                  rich_help_panel="Pacing and limits"),
-    retries: int = typer.Option(5, "--retries", help="Retries of one request on 408/429/5xx/network errors.",
-                                rich_help_panel="Pacing and limits"),
-    backoff: float = typer.Option(1.0, "--backoff", help="Base of the exponential backoff in seconds (full jitter).",
-                                  rich_help_panel="Pacing and limits"),
-    max_requests: int = typer.Option(None, "--max-requests", help="Stop after this many HTTP requests (retries count).",
-                                     rich_help_panel="Pacing and limits"),
-    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop starting requests after this many minutes.",
-                                      rich_help_panel="Pacing and limits"),
-    max_failures: int = typer.Option(20, "--max-failures", help="Give up after this many requests in a row that "
-                                                                "brought no new image.",
-                                     rich_help_panel="Pacing and limits"),
-    max_mib: float = typer.Option(64, "--max-mib", help="Largest response accepted, MiB (streamed with this cap).",
-                                  rich_help_panel="Pacing and limits"),
+    cfg_scale: float = typer.Option(
+        None, "--cfg-scale", help="Classifier-free guidance scale (a1111, hf).", rich_help_panel="Generation"
+    ),
+    sampler: str = typer.Option(
+        None, "--sampler", help="Sampler name (a1111), e.g. 'Euler a'.", rich_help_panel="Generation"
+    ),
+    seed: int = typer.Option(
+        None,
+        "--seed",
+        help="Seed of the seeds sent to a1111/hf and of the backoff jitter.",
+        rich_help_panel="Generation",
+    ),
+    rate: float = typer.Option(
+        None,
+        "--rate",
+        help="Request starts per second, at most (0: unlimited). Default per "
+        "API: craiyon 3.3, openai 0.5, hf 1, a1111 unlimited.",
+        rich_help_panel="Pacing and limits",
+    ),
+    concurrency: int = typer.Option(
+        None,
+        "--concurrency",
+        "-j",
+        help="Requests in flight, at most. Default per API: craiyon 16, openai 4, hf 2, a1111 1.",
+        rich_help_panel="Pacing and limits",
+    ),
+    timeout: float = typer.Option(
+        None,
+        "--timeout",
+        help="Seconds for one request, complete (default per API: craiyon 300, a1111 900, openai 180, hf 300).",
+        rich_help_panel="Pacing and limits",
+    ),
+    retries: int = typer.Option(
+        5,
+        "--retries",
+        help="Retries of one request on 408/429/5xx/network errors.",
+        rich_help_panel="Pacing and limits",
+    ),
+    backoff: float = typer.Option(
+        1.0,
+        "--backoff",
+        help="Base of the exponential backoff in seconds (full jitter).",
+        rich_help_panel="Pacing and limits",
+    ),
+    max_requests: int = typer.Option(
+        None,
+        "--max-requests",
+        help="Stop after this many HTTP requests (retries count).",
+        rich_help_panel="Pacing and limits",
+    ),
+    max_minutes: float = typer.Option(
+        None,
+        "--max-minutes",
+        help="Stop starting requests after this many minutes.",
+        rich_help_panel="Pacing and limits",
+    ),
+    max_failures: int = typer.Option(
+        20,
+        "--max-failures",
+        help="Give up after this many requests in a row that brought no new image.",
+        rich_help_panel="Pacing and limits",
+    ),
+    max_mib: float = typer.Option(
+        64,
+        "--max-mib",
+        help="Largest response accepted, MiB (streamed with this cap).",
+        rich_help_panel="Pacing and limits",
+    ),
     shard_size: int = typer.Option(500, "--shard-size", help="Images per shard.", rich_help_panel="Storage"),
-    dedup_phash: int = typer.Option(None, "--dedup-phash", help="Also drop near-duplicates: a 64-bit DCT perceptual "
-                                                                "hash within this Hamming distance (e.g. 4) of one "
-                                                                "already kept.", rich_help_panel="Storage"),
-    worker: str = typer.Option("main", "--worker", help="Worker id: one live miner per id and folder; give "
-                                                        "concurrent miners distinct ids.", rich_help_panel="Storage"),
-    api_key_env: str = typer.Option(None, "--api-key-env", help="Environment variable holding the API key "
-                                                                "(default: OPENAI_API_KEY, HF_TOKEN, A1111_API_AUTH).",
-                                    rich_help_panel="Keys and output"),
-    api_key_file: Path = typer.Option(None, "--api-key-file", help="File holding the API key.",
-                                      rich_help_panel="Keys and output"),
-    json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON line instead of the "
-                                                           "shard paths.", rich_help_panel="Keys and output"),
-    stats_file: Path = typer.Option(None, "--stats", help="Append the run summary as a JSON line to this file.",
-                                    rich_help_panel="Keys and output"),
+    dedup_phash: int = typer.Option(
+        None,
+        "--dedup-phash",
+        help="Also drop near-duplicates: a 64-bit DCT perceptual "
+        "hash within this Hamming distance (e.g. 4) of one "
+        "already kept.",
+        rich_help_panel="Storage",
+    ),
+    worker: str = typer.Option(
+        "main",
+        "--worker",
+        help="Worker id: one live miner per id and folder; give concurrent miners distinct ids.",
+        rich_help_panel="Storage",
+    ),
+    api_key_env: str = typer.Option(
+        None,
+        "--api-key-env",
+        help="Environment variable holding the API key (default: OPENAI_API_KEY, HF_TOKEN, A1111_API_AUTH).",
+        rich_help_panel="Keys and output",
+    ),
+    api_key_file: Path = typer.Option(
+        None, "--api-key-file", help="File holding the API key.", rich_help_panel="Keys and output"
+    ),
+    json_output: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the run summary as one JSON line instead of the shard paths.",
+        rich_help_panel="Keys and output",
+    ),
+    stats_file: Path = typer.Option(
+        None, "--stats", help="Append the run summary as a JSON line to this file.", rich_help_panel="Keys and output"
+    ),
 ) -> None:
     import json
     import math
@@ -205,14 +298,36 @@ def run(
 
     api_cls = adapter_class(api)
     config = MineConfig(
-        api=api, url=url, out_dir=output, per_class=per_class, classes=parse_classes(classes),
+        api=api,
+        url=url,
+        out_dir=output,
+        per_class=per_class,
+        classes=parse_classes(classes),
         prompts=list(prompts) if prompts else [DEFAULT_PROMPT],
-        options=ApiOptions(model=model, size=parse_size(size) if size else None, batch=batch, steps=steps,
-                           cfg_scale=cfg_scale, sampler=sampler, negative_prompt=negative_prompt),
-        rate=(math.inf if rate == 0 else rate), concurrency=concurrency, timeout=timeout, retries=retries,
-        backoff=backoff, max_requests=max_requests, max_minutes=max_minutes, max_failures=max_failures,
-        max_bytes=int(max_mib * (1 << 20)), shard_size=shard_size, dedup_phash=dedup_phash, worker=worker,
-        api_key=_key(api_cls, api_key_env, api_key_file), seed=seed)
+        options=ApiOptions(
+            model=model,
+            size=parse_size(size) if size else None,
+            batch=batch,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            sampler=sampler,
+            negative_prompt=negative_prompt,
+        ),
+        rate=(math.inf if rate == 0 else rate),
+        concurrency=concurrency,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        max_requests=max_requests,
+        max_minutes=max_minutes,
+        max_failures=max_failures,
+        max_bytes=int(max_mib * (1 << 20)),
+        shard_size=shard_size,
+        dedup_phash=dedup_phash,
+        worker=worker,
+        api_key=_key(api_cls, api_key_env, api_key_file),
+        seed=seed,
+    )
 
     with Miner(config, on_shard=None if json_output else (lambda p: emit(str(p))), on_message=log) as miner:
         # Ctrl-C and SIGTERM (cron's timeout, systemd, kill) stop the run gracefully: requests in

@@ -11,10 +11,12 @@ from .common import ALLOW_INCOMPLETE, emit, log, progress, require_inputs
 
 
 def run(
-    inputs: list[str] = typer.Argument(None, help="Shards, directories or globs (or paths on stdin).",
-                                       show_default=False),
-    size: str = typer.Option(..., "--size", "-s",
-                             help="Target size: N (square) or HxW (height x width), e.g. 32 or 24x32."),
+    inputs: list[str] = typer.Argument(
+        None, help="Shards, directories or globs (or paths on stdin).", show_default=False
+    ),
+    size: str = typer.Option(
+        ..., "--size", "-s", help="Target size: N (square) or HxW (height x width), e.g. 32 or 24x32."
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the resized shards (same names)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards already in the output directory."),
     allow_incomplete: bool = ALLOW_INCOMPLETE,
@@ -25,6 +27,13 @@ def run(
     paths = require_inputs(inputs)
     target = parse_size(size)
     with progress(None, "resizing") as bar:
-        written = resize_shards(paths, output, target, overwrite=overwrite, on_shard=lambda p: emit(str(p)),
-                                on_progress=bar.advance, allow_incomplete=allow_incomplete)
+        written = resize_shards(
+            paths,
+            output,
+            target,
+            overwrite=overwrite,
+            on_shard=lambda p: emit(str(p)),
+            on_progress=bar.advance,
+            allow_incomplete=allow_incomplete,
+        )
     log(f"resized {len(written)} shard(s) to {target[0]}x{target[1]} in {output}")

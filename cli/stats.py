@@ -10,9 +10,11 @@ from .common import ALLOW_INCOMPLETE, emit, emit_json, input_paths, progress
 
 
 def run(
-    datasets: list[str] = typer.Argument(None, help="One dataset per argument: shard, directory or glob "
-                                                    "(or shard paths on stdin, as one dataset).",
-                                         show_default=False),
+    datasets: list[str] = typer.Argument(
+        None,
+        help="One dataset per argument: shard, directory or glob (or shard paths on stdin, as one dataset).",
+        show_default=False,
+    ),
     by: str = typer.Option(None, "--by", help="Split each dataset by 'origin' (real vs fake) side by side."),
     json_output: bool = typer.Option(False, "--json", help="One JSON line per dataset instead of a table."),
     allow_incomplete: bool = ALLOW_INCOMPLETE,
@@ -38,5 +40,8 @@ def run(
         for s in results:
             emit_json(s.to_dict())
         return
-    emit(tabulate(stats_table(results), headers=[""] + [s.name for s in results], tablefmt="simple",
-                  disable_numparse=True))
+    emit(
+        tabulate(
+            stats_table(results), headers=[""] + [s.name for s in results], tablefmt="simple", disable_numparse=True
+        )
+    )

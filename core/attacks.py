@@ -57,8 +57,9 @@ def _l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
-def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 20,
-           step_size: float | None = None) -> torch.Tensor:
+def pgd_l2(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 20, step_size: float | None = None
+) -> torch.Tensor:
     """Adversarial examples within an L2 ball of radius `eps` around `x` (in [0, 1]) that
     maximise the cross-entropy of `model`. Steps along the normalized gradient, then project
     onto the ball and the [0, 1] box. Starts at `x` (deterministic). Model is left in eval mode.

@@ -36,8 +36,10 @@ def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:
         return ()
     unknown = [n for n in names if n not in AUGMENTATIONS]
     if unknown:
-        raise UsageError(f"unknown augmentation {', '.join(map(repr, unknown))}",
-                         "use a comma-separated subset of crop,flip, or none")
+        raise UsageError(
+            f"unknown augmentation {', '.join(map(repr, unknown))}",
+            "use a comma-separated subset of crop,flip, or none",
+        )
     return tuple(n for n in AUGMENTATIONS if n in names)
 
 
@@ -48,8 +50,9 @@ def step_generator(seed: int, epoch: int, step: int, device: torch.device | str 
     return gen
 
 
-def pad_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None,
-             mode: str = "reflect") -> torch.Tensor:
+def pad_crop(
+    x: torch.Tensor, pad: int, generator: torch.Generator | None = None, mode: str = "reflect"
+) -> torch.Tensor:
     """Random crops of `x` padded by `pad` on each side: a translation by -pad..pad pixels in
     each direction, independently per image. `mode` is F.pad's ('reflect' avoids the border of
     'constant' zeros, which after normalization is not black).
@@ -68,12 +71,12 @@ def pad_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None
     for s in range(2 * pad + 1):
         mask = shifts[0] == s
         if mask.any():
-            rows[mask] = padded[mask, :, s:s + h, :]
+            rows[mask] = padded[mask, :, s : s + h, :]
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     for s in range(2 * pad + 1):
         mask = shifts[1] == s
         if mask.any():
-            out[mask] = rows[mask, :, :, s:s + w]
+            out[mask] = rows[mask, :, :, s : s + w]
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
     return out
@@ -107,8 +110,14 @@ def alternating_flip(x: torch.Tensor, epoch: int) -> torch.Tensor:
     return flip_where(x, image_coins(x) ^ bool(epoch % 2))
 
 
-def augment_batch(x: torch.Tensor, augmentations: Sequence[str], *, pad: int = 4,
-                  generator: torch.Generator | None = None, epoch: int | None = None) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor,
+    augmentations: Sequence[str],
+    *,
+    pad: int = 4,
+    generator: torch.Generator | None = None,
+    epoch: int | None = None,
+) -> torch.Tensor:
     """Apply `augmentations` (from `parse_augment`) to a batch. With `epoch` given, flips are
     alternating (derandomized) instead of random."""
     if "flip" in augmentations:

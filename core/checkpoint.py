@@ -25,13 +25,13 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import BadCheckpointError, BadImageError, OutputError, UsageError
+from .errors import BadCheckpointError, BadImageError, UsageError
 from .outputs import write_atomically
 from .text import format_classes, format_size
 
@@ -170,8 +170,9 @@ def save_checkpoint(
 
     path = Path(path)
     model = _unwrap(model)
-    meta = _validated_meta(arch=resolve_name(arch), arch_kwargs=arch_kwargs, classes=classes, mean=mean,
-                           std=std, input_size=input_size)
+    meta = _validated_meta(
+        arch=resolve_name(arch), arch_kwargs=arch_kwargs, classes=classes, mean=mean, std=std, input_size=input_size
+    )
     if getattr(model, "deploy", False):
         meta["arch_kwargs"]["deploy"] = True
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -227,7 +228,7 @@ def _is_text(head: bytes) -> bool:
     except UnicodeDecodeError as exc:  # a character cut at the end of the 4 KiB read is fine
         if exc.start < len(head) - 3:
             return False
-        text = head[:exc.start].decode("utf-8")
+        text = head[: exc.start].decode("utf-8")
     return all(c.isprintable() or c in "\t\n\r" for c in text)
 
 
@@ -246,8 +247,9 @@ def _refuse_non_onnx(path: Path) -> None:
     except OSError:
         return
     if first != b"\x08":
-        raise BadCheckpointError(f"{path}: not a model file",
-                                 f"it does not start as an ONNX model does; expected {MODEL_KINDS}")
+        raise BadCheckpointError(
+            f"{path}: not a model file", f"it does not start as an ONNX model does; expected {MODEL_KINDS}"
+        )
 
 
 def _torch_load(path: Path, map_location: Any) -> Any:
@@ -270,8 +272,9 @@ def _torch_load(path: Path, map_location: Any) -> Any:
             "loading it could run arbitrary code; re-save only the state_dict from a trusted copy",
         ) from exc
     except Exception as exc:  # zip/pickle/EOF errors of a damaged or non-torch file
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise BadCheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first_line})",
             "the file is truncated, corrupt or not a checkpoint",
         ) from exc
 
@@ -291,7 +294,7 @@ def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(state)
     for prefix in _WRAPPER_PREFIXES:
         if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix):]: v for k, v in out.items()}
+            out = {k[len(prefix) :]: v for k, v in out.items()}
     return out
 
 
@@ -319,8 +322,8 @@ def _guess_arch(state: Mapping[str, Any]) -> list[str]:
         try:
             with torch.device("meta"):
                 ref = spec.builder(num_classes=1).state_dict()
-        except Exception:
-            continue
+        except (TypeError, ValueError, RuntimeError, NotImplementedError):
+            continue  # a model that cannot be built without data (pca-logreg) is no candidate
         if {k for k in ref if not _optional(k)} == {k for k in state if not _optional(k)} and all(
             tuple(ref[k].shape)[1:] == tuple(state[k].shape)[1:] for k in ref if k in state and state[k].dim() > 1
         ):
@@ -363,7 +366,11 @@ def _load_state(model: nn.Module, state: Mapping[str, Any], arch: str, path: Pat
                 more = f", ... {len(items) - 3} more" if len(items) > 3 else ""
                 parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
         guesses = [g for g in _guess_arch(state) if g != arch]
-        hint = f"the weights fit --arch {' or '.join(guesses)}" if guesses else "is --arch the architecture these weights were trained with?"
+        hint = (
+            f"the weights fit --arch {' or '.join(guesses)}"
+            if guesses
+            else "is --arch the architecture these weights were trained with?"
+        )
         raise BadCheckpointError(f"{path}: weights do not fit {arch}: " + "; ".join(parts), hint)
     model.load_state_dict(state, strict=True)
 
@@ -387,8 +394,9 @@ def load_checkpoint(
 
     path = Path(path)
     if is_onnx(path):
-        raise BadCheckpointError(f"{path}: an ONNX model cannot be loaded into PyTorch",
-                                 "run it with OnnxClassifier (onnxruntime)")
+        raise BadCheckpointError(
+            f"{path}: an ONNX model cannot be loaded into PyTorch", "run it with OnnxClassifier (onnxruntime)"
+        )
     try:
         want = resolve_name(arch) if arch is not None else None
     except UsageError as exc:
@@ -398,22 +406,33 @@ def load_checkpoint(
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         version = obj.get("version")
         if not isinstance(version, int) or version > VERSION:
-            raise BadCheckpointError(f"{path}: checkpoint version {version!r} is newer than this fakecifar reads ({VERSION})",
-                                     "upgrade fakecifar")
+            raise BadCheckpointError(
+                f"{path}: checkpoint version {version!r} is newer than this fakecifar reads ({VERSION})",
+                "upgrade fakecifar",
+            )
         missing_fields = [k for k in ("arch", "classes", "mean", "std", "input_size", "state_dict") if k not in obj]
         if missing_fields:
             raise BadCheckpointError(f"{path}: damaged checkpoint: no {', '.join(missing_fields)}", "re-create it")
         try:
             stored = resolve_name(str(obj["arch"]))
         except UsageError as exc:
-            raise BadCheckpointError(f"{path}: unknown architecture {obj['arch']!r} in checkpoint",
-                                     "it was written by a newer fakecifar or another tool") from exc
+            raise BadCheckpointError(
+                f"{path}: unknown architecture {obj['arch']!r} in checkpoint",
+                "it was written by a newer fakecifar or another tool",
+            ) from exc
         if want is not None and want != stored:
-            raise BadCheckpointError(f"{path}: checkpoint is a {stored}, but --arch {want} was given",
-                                     f"drop --arch or pass --arch {stored}")
+            raise BadCheckpointError(
+                f"{path}: checkpoint is a {stored}, but --arch {want} was given", f"drop --arch or pass --arch {stored}"
+            )
         try:
-            meta = _validated_meta(arch=stored, arch_kwargs=obj.get("arch_kwargs"), classes=obj["classes"],
-                                   mean=obj["mean"], std=obj["std"], input_size=obj["input_size"])
+            meta = _validated_meta(
+                arch=stored,
+                arch_kwargs=obj.get("arch_kwargs"),
+                classes=obj["classes"],
+                mean=obj["mean"],
+                std=obj["std"],
+                input_size=obj["input_size"],
+            )
         except (UsageError, TypeError, ValueError) as exc:
             raise BadCheckpointError(f"{path}: damaged checkpoint metadata: {exc}", "re-create it") from exc
         meta = {"format": FORMAT, "version": version, **meta, "train": dict(obj.get("train") or {})}
@@ -423,8 +442,10 @@ def load_checkpoint(
     else:
         state, where = _find_foreign_state_dict(obj)
         if state is None:
-            raise BadCheckpointError(f"{path}: unknown checkpoint layout ({where}; no state_dict of tensors found)",
-                                     "expected a fakecifar .pt, a state_dict, or a dict with a 'state_dict' entry")
+            raise BadCheckpointError(
+                f"{path}: unknown checkpoint layout ({where}; no state_dict of tensors found)",
+                "expected a fakecifar .pt, a state_dict, or a dict with a 'state_dict' entry",
+            )
         if want is None:
             guesses = _guess_arch(state)
             raise BadCheckpointError(
@@ -433,17 +454,30 @@ def load_checkpoint(
             )
         stored = want
         # Scalars beside the weights (best_prec1, epoch, ...) are the only training record there is.
-        extras = {k: _plain(v) for k, v in obj.items() if isinstance(v, (int, float, str, bool))} \
-            if isinstance(obj, Mapping) and not _is_state_dict(obj) else {}
-        meta = {"format": "foreign", "version": None, "arch": stored, "arch_kwargs": {}, "classes": None,
-                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input_size": [32, 32],
-                "train": extras}
+        extras = (
+            {k: _plain(v) for k, v in obj.items() if isinstance(v, (int, float, str, bool))}
+            if isinstance(obj, Mapping) and not _is_state_dict(obj)
+            else {}
+        )
+        meta = {
+            "format": "foreign",
+            "version": None,
+            "arch": stored,
+            "arch_kwargs": {},
+            "classes": None,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "input_size": [32, 32],
+            "train": extras,
+        }
 
     try:
         num_classes = len(meta["classes"]) if meta["classes"] else 10
         model = build_model(stored, num_classes, **meta["arch_kwargs"])
     except UsageError as exc:
-        raise BadCheckpointError(f"{path}: cannot build {stored}: {exc}", "the checkpoint's arch_kwargs are not valid") from exc
+        raise BadCheckpointError(
+            f"{path}: cannot build {stored}: {exc}", "the checkpoint's arch_kwargs are not valid"
+        ) from exc
     if meta["classes"] is None:  # foreign: size the head from the weights, CIFAR-10 names when 10
         outputs = _classifier_outputs(model, state)
         if outputs is not None and outputs != num_classes:
@@ -485,8 +519,14 @@ def export_onnx(
     absent = [k for k in ("arch", "classes", "mean", "std", "input_size") if k not in meta]
     if absent:
         raise UsageError(f"export_onnx: meta lacks {', '.join(absent)}", "pass the meta load_checkpoint returns")
-    clean = _validated_meta(arch=meta["arch"], arch_kwargs=meta.get("arch_kwargs"), classes=meta["classes"],
-                            mean=meta["mean"], std=meta["std"], input_size=meta["input_size"])
+    clean = _validated_meta(
+        arch=meta["arch"],
+        arch_kwargs=meta.get("arch_kwargs"),
+        classes=meta["classes"],
+        mean=meta["mean"],
+        std=meta["std"],
+        input_size=meta["input_size"],
+    )
     net = reparameterize(copy.deepcopy(_unwrap(model)).float().cpu().eval())
     if getattr(net, "deploy", False):
         clean["arch_kwargs"]["deploy"] = True
@@ -497,14 +537,24 @@ def export_onnx(
         warnings.simplefilter("ignore")  # legacy exporter deprecation and tracer chatter
         # The TorchScript exporter needs no extra packages (the dynamo one needs onnxscript).
         torch.onnx.export(
-            wrapped, (torch.rand(1, 3, h, w),), buffer, dynamo=False, opset_version=opset,
-            input_names=["image"], output_names=["logits"],
+            wrapped,
+            (torch.rand(1, 3, h, w),),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
         )
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name = "fakecifar"
     proto.doc_string = f"{clean['arch']} classifier; input float32 RGB in [0,1], NCHW"
-    props = {"format": ONNX_FORMAT, "version": VERSION, **clean, "train": _without_timings(_plain(dict(meta.get("train") or {})))}
+    props = {
+        "format": ONNX_FORMAT,
+        "version": VERSION,
+        **clean,
+        "train": _without_timings(_plain(dict(meta.get("train") or {}))),
+    }
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -552,17 +602,29 @@ def _parse_onnx_meta(props: Mapping[str, str], path: Path) -> dict[str, Any]:
             return raw  # tolerate plain strings written by other tools
 
     if "classes" not in props:
-        raise BadCheckpointError(f"{path}: ONNX model has no 'classes' metadata (not exported by fakecifar)",
-                                 "export it with `fakecifar train` or fakecifar.checkpoint.export_onnx")
+        raise BadCheckpointError(
+            f"{path}: ONNX model has no 'classes' metadata (not exported by fakecifar)",
+            "export it with `fakecifar train` or fakecifar.checkpoint.export_onnx",
+        )
     meta = {k: value(k) for k in _ONNX_META_KEYS if k in props}
     try:
-        clean = _validated_meta(arch=meta.get("arch", "unknown"), arch_kwargs=meta.get("arch_kwargs"),
-                                classes=meta["classes"], mean=meta.get("mean", (0.0, 0.0, 0.0)),
-                                std=meta.get("std", (1.0, 1.0, 1.0)), input_size=meta.get("input_size", 32))
+        clean = _validated_meta(
+            arch=meta.get("arch", "unknown"),
+            arch_kwargs=meta.get("arch_kwargs"),
+            classes=meta["classes"],
+            mean=meta.get("mean", (0.0, 0.0, 0.0)),
+            std=meta.get("std", (1.0, 1.0, 1.0)),
+            input_size=meta.get("input_size", 32),
+        )
     except (UsageError, TypeError, ValueError) as exc:
         raise BadCheckpointError(f"{path}: bad fakecifar metadata in ONNX model: {exc}", "re-export it") from exc
-    return {"format": meta.get("format", ONNX_FORMAT), "version": meta.get("version", VERSION), **clean,
-            "train": meta.get("train") or {}, "path": str(path)}
+    return {
+        "format": meta.get("format", ONNX_FORMAT),
+        "version": meta.get("version", VERSION),
+        **clean,
+        "train": meta.get("train") or {},
+        "path": str(path),
+    }
 
 
 def read_onnx_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -577,16 +639,17 @@ def read_onnx_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         _refuse_non_onnx(path)
-        raise BadCheckpointError(f"{path}: not a readable ONNX model ({type(exc).__name__})",
-                                 "the file is truncated, corrupt or not ONNX") from exc
+        raise BadCheckpointError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__})", "the file is truncated, corrupt or not ONNX"
+        ) from exc
     return _parse_onnx_meta({p.key: p.value for p in proto.metadata_props}, path)
 
 
 class OnnxClassifier:
     """A fakecifar ONNX model on onnxruntime (CPU): no torch needed.
 
-        clf = OnnxClassifier("model.onnx")
-        logits = clf.predict_logits(images)   # float32 [N, 3, H, W] in [0, 1]
+    clf = OnnxClassifier("model.onnx")
+    logits = clf.predict_logits(images)   # float32 [N, 3, H, W] in [0, 1]
     """
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None):
@@ -603,8 +666,10 @@ class OnnxClassifier:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             _refuse_non_onnx(self.path)
-            raise BadCheckpointError(f"{self.path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})",
-                                     "the file is truncated, corrupt or not ONNX") from exc
+            raise BadCheckpointError(
+                f"{self.path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})",
+                "the file is truncated, corrupt or not ONNX",
+            ) from exc
         self.meta = _parse_onnx_meta(self.session.get_modelmeta().custom_metadata_map, self.path)
         inputs = [i.name for i in self.session.get_inputs()]
         if "image" not in inputs:
@@ -621,14 +686,18 @@ class OnnxClassifier:
         if images.ndim != 4 or images.shape[1] != 3:
             raise BadImageError(f"expected images as [N, 3, H, W], got shape {list(images.shape)}")
         if images.shape[2:] != (h, w):
-            raise BadImageError(f"{self.path} takes {format_size((h, w))} images, got {format_size(images.shape[2:])}",
-                                "resize them first (fakecifar resize)")
+            raise BadImageError(
+                f"{self.path} takes {format_size((h, w))} images, got {format_size(images.shape[2:])}",
+                "resize them first (fakecifar resize)",
+            )
         if not np.issubdtype(images.dtype, np.floating):
             raise BadImageError(f"expected float images in [0, 1], got {images.dtype}", "divide uint8 pixels by 255")
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         out = [
-            self.session.run(["logits"], {"image": np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)})[0]
+            self.session.run(["logits"], {"image": np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32)})[
+                0
+            ]
             for i in range(0, len(images), batch_size)
         ]
         return np.concatenate(out).astype(np.float32, copy=False)

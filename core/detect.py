@@ -47,8 +47,10 @@ def fake_columns(classes: list[str]) -> np.ndarray:
     """Which output classes mean 'generated': 'fake' (2-class) or 'fake/<class>' (origin x class)."""
     mask = np.array([c.lower() == "fake" or c.lower().startswith("fake/") for c in classes])
     if not mask.any() or mask.all():
-        raise BadCheckpointError(f"model classes {format_classes(classes)} have no real/fake split",
-                                 "use a model trained with --target origin or origin+class")
+        raise BadCheckpointError(
+            f"model classes {format_classes(classes)} have no real/fake split",
+            "use a model trained with --target origin or origin+class",
+        )
     return mask
 
 
@@ -124,8 +126,9 @@ def check_stdin(data: bytes) -> None:
         paths_from_bytes(data, neither="an image")
 
 
-def iter_items(inputs: Iterable[str], *, stdin: Callable[[], bytes] | None = None,
-               on_skip: Callable[[str], None] | None = None) -> Iterator[Item]:
+def iter_items(
+    inputs: Iterable[str], *, stdin: Callable[[], bytes] | None = None, on_skip: Callable[[str], None] | None = None
+) -> Iterator[Item]:
     """Images from files, folders (recursively: image files and shards), shards (.h5) and
     '-' (image bytes on stdin, or one path a line; anything else there is a UsageError)."""
     for raw in inputs:
@@ -184,9 +187,15 @@ def _shard_items(path: Path) -> Iterator[Item]:
     shard.close()
 
 
-def detect(detector: Detector, items: Iterable[Item], *, threshold: float = 0.5, batch_size: int = 256,
-           on_error: Callable[[FakecifarError], None] | None = None,
-           on_caution: Callable[[str, str], None] | None = None) -> Iterator[Verdict]:
+def detect(
+    detector: Detector,
+    items: Iterable[Item],
+    *,
+    threshold: float = 0.5,
+    batch_size: int = 256,
+    on_error: Callable[[FakecifarError], None] | None = None,
+    on_caution: Callable[[str, str], None] | None = None,
+) -> Iterator[Verdict]:
     """Score items in batches, in input order; bad items go to `on_error`, not the output."""
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")

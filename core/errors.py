@@ -76,8 +76,12 @@ def write_error(exc: OSError, path: str | os.PathLike) -> FakecifarError:
     text = str(exc).lower()
     if code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in text or "disk quota" in text:
         return NoSpaceError(f"no space left on device writing {path}", "free space or choose another -o")
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "read-only file system" in text \
-            or "permission denied" in text:
-        return OutputError(f"cannot write {path}: {exc.strerror or 'permission denied'}",
-                           "choose a writable -o or fix its permissions")
+    if (
+        code in (errno.EROFS, errno.EACCES, errno.EPERM)
+        or "read-only file system" in text
+        or "permission denied" in text
+    ):
+        return OutputError(
+            f"cannot write {path}: {exc.strerror or 'permission denied'}", "choose a writable -o or fix its permissions"
+        )
     return FakecifarError(f"cannot write {path}: {exc.strerror or exc}", "check the output location")

@@ -58,9 +58,12 @@ def check_target(data: ShardSet, target: str) -> None:
     for column in needed_columns(target):
         if column not in data.columns:
             where = next((s.path for s in data.shards if column not in s.columns), data.paths[0])
-            raise UsageError(f"{where}: has no {column!r} column, needed by --target {target}",
-                             "import with --origin real|fake, or from CIFAKE REAL/FAKE folders"
-                             if column == "origin" else "give labelled shards")
+            raise UsageError(
+                f"{where}: has no {column!r} column, needed by --target {target}",
+                "import with --origin real|fake, or from CIFAKE REAL/FAKE folders"
+                if column == "origin"
+                else "give labelled shards",
+            )
 
 
 def make_targets(labels: np.ndarray | None, origin: np.ndarray | None, num_classes: int, target: str) -> np.ndarray:
@@ -93,8 +96,9 @@ def auto_target(model_classes: Sequence[str], data_classes: Sequence[str]) -> st
     return "class"
 
 
-def class_mapping(model_classes: Sequence[str], data_classes: Sequence[str], *, map_classes: bool,
-                  model_name: str, data_name: str) -> np.ndarray:
+def class_mapping(
+    model_classes: Sequence[str], data_classes: Sequence[str], *, map_classes: bool, model_name: str, data_name: str
+) -> np.ndarray:
     """Index in the model's outputs of each dataset class (-1: the model lacks it).
 
     Without `map_classes` the lists must be identical; otherwise the error names both."""
@@ -106,14 +110,18 @@ def class_mapping(model_classes: Sequence[str], data_classes: Sequence[str], *, 
         raise BadCheckpointError(
             f"{model_name}: model classes {format_classes(model_classes)} differ from {data_name}'s "
             f"{format_classes(data_classes)}",
-            "same names in another order: pass --map-classes" if same else
-            "pass --map-classes to match classes by name, or --target origin for a real/fake model")
+            "same names in another order: pass --map-classes"
+            if same
+            else "pass --map-classes to match classes by name, or --target origin for a real/fake model",
+        )
     index = {name: i for i, name in enumerate(model_classes)}
     mapping = np.array([index.get(name, -1) for name in data_classes], dtype=np.int64)
     if (mapping < 0).all():
-        raise BadCheckpointError(f"{model_name}: no class of {data_name} {format_classes(data_classes)} is among "
-                                 f"the model's {format_classes(model_classes)}",
-                                 "--map-classes matches classes by name")
+        raise BadCheckpointError(
+            f"{model_name}: no class of {data_name} {format_classes(data_classes)} is among "
+            f"the model's {format_classes(model_classes)}",
+            "--map-classes matches classes by name",
+        )
     return mapping
 
 
@@ -170,8 +178,9 @@ def looks_like_model(path: str | os.PathLike) -> bool:
     return p.suffix.lower() in MODEL_SUFFIXES or (p.is_file() and p.suffix.lower() != ".h5")
 
 
-def load_classifier(path: str | os.PathLike, *, arch: str | None = None, device: str = "auto",
-                    threads: int | None = None) -> Classifier:
+def load_classifier(
+    path: str | os.PathLike, *, arch: str | None = None, device: str = "auto", threads: int | None = None
+) -> Classifier:
     """Load a `.pt`/`.th` (torch; `arch` is used when the file itself does not name one, "auto"
     picks the one architecture that fits) or an `.onnx` (onnxruntime only: torch is never
     imported on this path). `threads` sets torch's or onnxruntime's CPU threads."""
@@ -182,8 +191,9 @@ def load_classifier(path: str | os.PathLike, *, arch: str | None = None, device:
         from .checkpoint import OnnxClassifier
 
         clf = OnnxClassifier(path, threads=threads)
-        return Classifier(path, list(clf.classes), dict(clf.meta), True, clf, None, path.name,
-                          (clf.input_size[0], clf.input_size[1]))
+        return Classifier(
+            path, list(clf.classes), dict(clf.meta), True, clf, None, path.name, (clf.input_size[0], clf.input_size[1])
+        )
     from .checkpoint import load_checkpoint
 
     if threads is not None:
@@ -230,17 +240,24 @@ def _numpy_batches(data: ShardSet, indices: np.ndarray, batch_size: int):
     for start, chunk in data.iter_chunks(("images",)):
         images = chunk["images"]
         stop = start + len(images)
-        take = indices[pos:np.searchsorted(indices, stop, side="left")]
+        take = indices[pos : np.searchsorted(indices, stop, side="left")]
         pos += len(take)
         if not len(take):
             continue
         sel = images[take - start]
         for i in range(0, len(sel), batch_size):
-            yield np.ascontiguousarray(sel[i:i + batch_size].transpose(0, 3, 1, 2), dtype=np.float32) * (1 / 255.0)
+            yield np.ascontiguousarray(sel[i : i + batch_size].transpose(0, 3, 1, 2), dtype=np.float32) * (1 / 255.0)
 
 
-def predict_onnx(clf: Classifier, data: ShardSet, indices: np.ndarray, *, batch_size: int = 256,
-                 tta: bool = False, on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+def predict_onnx(
+    clf: Classifier,
+    data: ShardSet,
+    indices: np.ndarray,
+    *,
+    batch_size: int = 256,
+    tta: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
     out = []
     for x in _numpy_batches(data, indices, batch_size):
         logits = clf.model.predict_logits(x, batch_size)
@@ -252,10 +269,19 @@ def predict_onnx(clf: Classifier, data: ShardSet, indices: np.ndarray, *, batch_
     return np.concatenate(out) if out else np.zeros((0, len(clf.classes)), np.float32)
 
 
-def predict_torch(clf: Classifier, data: ShardSet, indices: np.ndarray, *, batch_size: int = 256,
-                  tta: bool = False, attack: str | None = None, eps: Sequence[float] = (),
-                  steps: int = 20, targets: np.ndarray | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> dict[float | None, np.ndarray]:
+def predict_torch(
+    clf: Classifier,
+    data: ShardSet,
+    indices: np.ndarray,
+    *,
+    batch_size: int = 256,
+    tta: bool = False,
+    attack: str | None = None,
+    eps: Sequence[float] = (),
+    steps: int = 20,
+    targets: np.ndarray | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[float | None, np.ndarray]:
     """Logits on clean images (key None) and, with an attack, on adversarial ones per eps."""
     import torch
 
@@ -279,7 +305,7 @@ def predict_torch(clf: Classifier, data: ShardSet, indices: np.ndarray, *, batch
         with torch.no_grad():
             outs[None].append(run(x))
         if radii and targets is not None:
-            y = torch.as_tensor(targets[pos:pos + len(x)], device=x.device)
+            y = torch.as_tensor(targets[pos : pos + len(x)], device=x.device)
             for e in radii:
                 adv = pgd_l2(net, x, y, eps=e, steps=steps)
                 with torch.no_grad():
@@ -291,48 +317,80 @@ def predict_torch(clf: Classifier, data: ShardSet, indices: np.ndarray, *, batch
     return {key: (np.concatenate(v) if v else np.zeros((0, k), np.float32)) for key, v in outs.items()}
 
 
-def evaluate(clf: Classifier, data: ShardSet, *, target: str = "auto", map_classes: bool = False,
-             batch_size: int = 256, tta: bool = False, attack: str | None = None,
-             eps: Sequence[float] = (), steps: int = 20, data_name: str | None = None,
-             on_progress: Callable[[int], None] | None = None) -> dict:
+def evaluate(
+    clf: Classifier,
+    data: ShardSet,
+    *,
+    target: str = "auto",
+    map_classes: bool = False,
+    batch_size: int = 256,
+    tta: bool = False,
+    attack: str | None = None,
+    eps: Sequence[float] = (),
+    steps: int = 20,
+    data_name: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict:
     """Metrics of `clf` on `data` (see fakecifar.metrics.classification_metrics), plus
     `model`, `dataset`, `target`, `skipped` (images without a target the model knows) and,
     with an attack, `robust` {eps: top-1 accuracy}."""
     data_name = data_name or (str(data.paths[0].parent) if len(data.paths) > 1 else str(data.paths[0]))
     # Foreign files do not record an input size; every zoo model pools globally, so any size runs.
     if data.image_size != tuple(clf.input_size) and clf.meta.get("format") != "foreign":
-        raise UsageError(f"{clf.path} takes {format_size(clf.input_size)} images, {data_name} has "
-                         f"{format_size(data.image_size)}", "run `fakecifar resize` first")
+        raise UsageError(
+            f"{clf.path} takes {format_size(clf.input_size)} images, {data_name} has {format_size(data.image_size)}",
+            "run `fakecifar resize` first",
+        )
     if attack is not None:
         if attack not in ("pgd-l2",):
             raise UsageError(f"unknown --attack {attack!r}", "available: pgd-l2")
         if clf.onnx:
-            raise UsageError(f"{clf.path}: attacks need gradients, which an .onnx model does not give",
-                             "attack the .pt checkpoint instead")
+            raise UsageError(
+                f"{clf.path}: attacks need gradients, which an .onnx model does not give",
+                "attack the .pt checkpoint instead",
+            )
         if steps < 1:
             raise UsageError(f"--steps must be at least 1, got {steps}")
     if target == "auto":
         target = auto_target(clf.classes, data.classes)
     names = target_classes(data.classes, target)
     raw = dataset_targets(data, target)
-    mapping = class_mapping(clf.classes, names, map_classes=map_classes, model_name=str(clf.path),
-                            data_name=data_name)
+    mapping = class_mapping(clf.classes, names, map_classes=map_classes, model_name=str(clf.path), data_name=data_name)
     mapped = np.where(raw >= 0, mapping[np.clip(raw, 0, None)], -1)
     indices = np.nonzero(mapped >= 0)[0]
     if not len(indices):
-        raise UsageError(f"{data_name}: no image has a {target} target the model knows",
-                         "unlabelled shards cannot be evaluated")
+        raise UsageError(
+            f"{data_name}: no image has a {target} target the model knows", "unlabelled shards cannot be evaluated"
+        )
     targets = mapped[indices]
     logits: dict[float | None, np.ndarray]
     if clf.onnx:
         logits = {None: predict_onnx(clf, data, indices, batch_size=batch_size, tta=tta, on_progress=on_progress)}
     else:
-        logits = predict_torch(clf, data, indices, batch_size=batch_size, tta=tta, attack=attack, eps=eps,
-                               steps=steps, targets=targets, on_progress=on_progress)
+        logits = predict_torch(
+            clf,
+            data,
+            indices,
+            batch_size=batch_size,
+            tta=tta,
+            attack=attack,
+            eps=eps,
+            steps=steps,
+            targets=targets,
+            on_progress=on_progress,
+        )
     result = classification_metrics(logits[None], targets, clf.classes)
-    result.update({"model": str(clf.path), "arch": clf.arch, "dataset": data_name, "target": target,
-                   "skipped": int(len(data) - len(indices)), "tta": tta,
-                   "runtime": "onnxruntime" if clf.onnx else "torch"})
+    result.update(
+        {
+            "model": str(clf.path),
+            "arch": clf.arch,
+            "dataset": data_name,
+            "target": target,
+            "skipped": int(len(data) - len(indices)),
+            "tta": tta,
+            "runtime": "onnxruntime" if clf.onnx else "torch",
+        }
+    )
     if attack:
         robust = {}
         for e in eps:

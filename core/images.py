@@ -81,8 +81,9 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
 
 def too_many_pixels(name: str, what: str, max_pixels: int = MAX_PIXELS) -> BadImageError:
     """The refusal of an image over the pixel limit, in the same words wherever it is met."""
-    return BadImageError(f"{name}: {what}, over the {max_pixels:,}-pixel limit",
-                         "refusing a possible decompression bomb")
+    return BadImageError(
+        f"{name}: {what}, over the {max_pixels:,}-pixel limit", "refusing a possible decompression bomb"
+    )
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:

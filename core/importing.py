@@ -87,8 +87,7 @@ class Source:
         if self.is_archive:
             try:
                 with tarfile.open(self.path, "r|*") as tar:
-                    return [Entry(f"{self.path}:{m.name}", PurePosixPath(m.name).parts)
-                            for m in tar if m.isfile()]
+                    return [Entry(f"{self.path}:{m.name}", PurePosixPath(m.name).parts) for m in tar if m.isfile()]
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise UsageError(f"{self.path}: unreadable archive ({exc})", "is it truncated?") from exc
         return [Entry(str(self.path), (self.path.name,))]
@@ -163,9 +162,14 @@ def _cifake_class(entry: Entry) -> int:
 
 # CIFAR pickles hold dicts, lists, bytes and numpy arrays; nothing else may be built.
 _SAFE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("builtins", "dict"), ("builtins", "list"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
     ("_codecs", "encode"),
 }
 
@@ -225,8 +229,10 @@ def _resolve_classes(plans: list[Plan], given: list[str] | None) -> list[str]:
     classes = given or (defined[0] if defined else found)
     missing = [n for n in found if n not in classes]
     if missing:
-        raise UsageError(f"class folder(s) {format_classes(missing)} not in the class list {format_classes(classes)}",
-                         "add them to --classes or remove the folders")
+        raise UsageError(
+            f"class folder(s) {format_classes(missing)} not in the class list {format_classes(classes)}",
+            "add them to --classes or remove the folders",
+        )
     return classes
 
 
@@ -266,15 +272,33 @@ def import_sources(
     for s in sources:
         if not Path(s).exists():
             raise UsageError(f"{s}: no such file or directory")
-    params = {"sources": [str(Path(s).resolve()) for s in sources], "classes": classes, "origin": origin,
-              "shard_size": shard_size, "dedup": dedup, "size": list(size) if size else None,
-              "on_mismatch": on_mismatch, "strict": strict}
+    params = {
+        "sources": [str(Path(s).resolve()) for s in sources],
+        "classes": classes,
+        "origin": origin,
+        "shard_size": shard_size,
+        "dedup": dedup,
+        "size": list(size) if size else None,
+        "on_mismatch": on_mismatch,
+        "strict": strict,
+    }
     # The output is locked and checked before the sources are listed (a big archive takes a while).
     output = open_dataset_output(out_dir, command="import", params=params, overwrite=overwrite)
     try:
-        report = _import_into(output, sources, classes=classes, origin=origin, shard_size=shard_size,
-                              dedup=dedup, size=size, on_mismatch=on_mismatch, strict=strict,
-                              on_shard=on_shard, on_progress=on_progress, batch=batch)
+        report = _import_into(
+            output,
+            sources,
+            classes=classes,
+            origin=origin,
+            shard_size=shard_size,
+            dedup=dedup,
+            size=size,
+            on_mismatch=on_mismatch,
+            strict=strict,
+            on_shard=on_shard,
+            on_progress=on_progress,
+            batch=batch,
+        )
     except BaseException:
         output.close(failed=True)
         raise
@@ -299,14 +323,19 @@ def _finished_report(output, report: ImportReport, dedup: bool, seen: set[bytes]
     report.resumed_shards = len(output.finished)
 
 
-def _import_into(output, sources, *, classes, origin, shard_size, dedup, size, on_mismatch, strict,
-                 on_shard, on_progress, batch) -> ImportReport:
+def _import_into(
+    output, sources, *, classes, origin, shard_size, dedup, size, on_mismatch, strict, on_shard, on_progress, batch
+) -> ImportReport:
     state = output.resume_state
     if output.already_complete:
-        report = ImportReport(classes=list(output.meta.get("classes") or []),
-                              image_size=tuple(output.meta["image_size"]) if output.meta.get("image_size") else size,
-                              duplicates=int(state.get("duplicates", 0)), resized=int(state.get("resized", 0)),
-                              skipped=list(state.get("skipped", [])), already_complete=True)
+        report = ImportReport(
+            classes=list(output.meta.get("classes") or []),
+            image_size=tuple(output.meta["image_size"]) if output.meta.get("image_size") else size,
+            duplicates=int(state.get("duplicates", 0)),
+            resized=int(state.get("resized", 0)),
+            skipped=list(state.get("skipped", [])),
+            already_complete=True,
+        )
         _finished_report(output, report, False, set())
         if on_shard:
             for path in report.written:
@@ -315,21 +344,29 @@ def _import_into(output, sources, *, classes, origin, shard_size, dedup, size, o
     plans = [plan_source(Source(s)) for s in sources]
     for plan in plans:
         if not plan.entries:
-            raise UsageError(f"{plan.source.path}: no images found",
-                             "expected root/<class>/*.jpg|png, REAL|FAKE/NNNN (k).jpg, or CIFAR pickle batches")
+            raise UsageError(
+                f"{plan.source.path}: no images found",
+                "expected root/<class>/*.jpg|png, REAL|FAKE/NNNN (k).jpg, or CIFAR pickle batches",
+            )
         if plan.layout == "cifake":
             plan.class_names = list(CIFAR10_CLASSES) if classes is None else list(classes)
         elif plan.layout == "pickle":
             plan.class_names = classes or _pickle_class_names(plan)
             if not plan.class_names:
-                raise UsageError(f"{plan.source.path}: CIFAR batches without batches.meta or meta",
-                                 "pass --classes with the class names")
+                raise UsageError(
+                    f"{plan.source.path}: CIFAR batches without batches.meta or meta",
+                    "pass --classes with the class names",
+                )
     class_list = _resolve_classes(plans, classes)
     stored_size = output.meta.get("image_size")
-    report = ImportReport(classes=class_list, image_size=tuple(stored_size) if stored_size else size,
-                          ignored_files=sum(p.ignored for p in plans),
-                          duplicates=int(state.get("duplicates", 0)), resized=int(state.get("resized", 0)),
-                          skipped=list(state.get("skipped", [])))
+    report = ImportReport(
+        classes=class_list,
+        image_size=tuple(stored_size) if stored_size else size,
+        ignored_files=sum(p.ignored for p in plans),
+        duplicates=int(state.get("duplicates", 0)),
+        resized=int(state.get("resized", 0)),
+        skipped=list(state.get("skipped", [])),
+    )
     has_origin = origin is not None or any(p.layout == "cifake" for p in plans)
     if has_origin and origin is None and any(p.layout != "cifake" for p in plans):
         raise UsageError("some sources carry real/fake origin and some do not", "pass --origin real|fake")
@@ -345,8 +382,7 @@ def _import_into(output, sources, *, classes, origin, shard_size, dedup, size, o
     skip_positions: list[tuple[int, int]] = [(0, 0)] * len(report.skipped)  # all before the cursor
     provenance = [{"step": "import", "sources": [str(s) for s in sources], "dedup": dedup}]
     writer: ShardSeriesWriter | None = None
-    pending: dict[str, list] = {"images": [], "labels": [], "origin": [], "source": [], "position": [],
-                                "resized": []}
+    pending: dict[str, list] = {"images": [], "labels": [], "origin": [], "source": [], "position": [], "resized": []}
 
     def resume_state(position) -> dict:
         entry, image, duplicates, resized = position
@@ -371,16 +407,23 @@ def _import_into(output, sources, *, classes, origin, shard_size, dedup, size, o
         resized_after = report.resized - int(resized.sum()) + np.cumsum(resized)
         report.duplicates += int((~keep).sum())
         if writer is None:
-            writer = ShardSeriesWriter(output.directory, shard_size=shard_size, classes=class_list,
-                                       image_size=report.image_size, producer=producer("import"),
-                                       provenance=provenance, overwrite=output.overwrite, on_shard=on_shard,
-                                       dataset=output, resume_state=resume_state)
+            writer = ShardSeriesWriter(
+                output.directory,
+                shard_size=shard_size,
+                classes=class_list,
+                image_size=report.image_size,
+                producer=producer("import"),
+                provenance=provenance,
+                overwrite=output.overwrite,
+                on_shard=on_shard,
+                dataset=output,
+                resume_state=resume_state,
+            )
         labels = np.asarray(pending["labels"], np.int16)[keep]
         columns = {"sha256": digests[keep], "source": np.asarray(pending["source"], dtype=object)[keep]}
         if has_origin:
             columns["origin"] = np.asarray(pending["origin"], np.uint8)[keep]
-        positions = [(*pending["position"][i], int(dups_after[i]), int(resized_after[i]))
-                     for i in np.nonzero(keep)[0]]
+        positions = [(*pending["position"][i], int(dups_after[i]), int(resized_after[i])) for i in np.nonzero(keep)[0]]
         writer.add_batch(images[keep], labels, positions=positions, **columns)
         for label in labels:
             name = class_list[label] if label >= 0 else "(unlabeled)"
@@ -396,8 +439,10 @@ def _import_into(output, sources, *, classes, origin, shard_size, dedup, size, o
         if image.shape[:2] != report.image_size:
             h, w = report.image_size
             if on_mismatch == "error":
-                raise BadImageError(f"{name}: image is {image.shape[0]}x{image.shape[1]}, the dataset is {h}x{w}",
-                                    f"pass --size {h}x{w} --on-mismatch resize (or skip)")
+                raise BadImageError(
+                    f"{name}: image is {image.shape[0]}x{image.shape[1]}, the dataset is {h}x{w}",
+                    f"pass --size {h}x{w} --on-mismatch resize (or skip)",
+                )
             if on_mismatch == "skip":
                 report.skipped.append(f"{name}: size {image.shape[0]}x{image.shape[1]}")
                 skip_positions.append(position)
@@ -448,8 +493,10 @@ def _import_into(output, sources, *, classes, origin, shard_size, dedup, size, o
                     if plan.layout == "cifake":
                         label, image_origin = _cifake_class(entry), _cifake_origin(entry)
                         if label >= len(class_list):
-                            raise BadImageError(f"{entry.display}: class {label + 1} but only "
-                                                f"{len(class_list)} classes", "pass the full --classes list")
+                            raise BadImageError(
+                                f"{entry.display}: class {label + 1} but only {len(class_list)} classes",
+                                "pass the full --classes list",
+                            )
                     else:
                         label = index[entry.parts[-2]] if len(entry.parts) >= 2 else -1
                         image_origin = default_origin
@@ -465,12 +512,21 @@ def _import_into(output, sources, *, classes, origin, shard_size, dedup, size, o
             writer.abort()
         raise
     if report.images == 0:
-        raise UsageError(f"no images imported from {', '.join(map(str, sources))}",
-                         f"{len(report.skipped)} skipped; rerun with --strict to see why")
+        raise UsageError(
+            f"no images imported from {', '.join(map(str, sources))}",
+            f"{len(report.skipped)} skipped; rerun with --strict to see why",
+        )
     report.written = list(output.finished_paths)
-    output.finish(classes=class_list, image_size=report.image_size,
-                  resume={"position": [first, 0], "duplicates": report.duplicates, "resized": report.resized,
-                          "skipped": report.skipped})
+    output.finish(
+        classes=class_list,
+        image_size=report.image_size,
+        resume={
+            "position": [first, 0],
+            "duplicates": report.duplicates,
+            "resized": report.resized,
+            "skipped": report.skipped,
+        },
+    )
     return report
 
 
@@ -487,7 +543,8 @@ def _pickle_images(data: bytes, name: str, num_classes: int) -> Iterator[tuple[n
     if len(labels) != len(pixels):
         raise UsageError(f"{name}: {len(pixels)} images but {len(labels)} labels")
     if num_classes and labels.size and labels.max() >= num_classes:
-        raise UsageError(f"{name}: label {labels.max()} but only {num_classes} classes",
-                         "pass --classes with every class name")
+        raise UsageError(
+            f"{name}: label {labels.max()} but only {num_classes} classes", "pass --classes with every class name"
+        )
     images = pixels.reshape(-1, 3, side, side).transpose(0, 2, 3, 1).astype(np.uint8)
     yield from zip(images, labels.tolist())

@@ -39,8 +39,9 @@ class ShardImageDataset(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-def to_float_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                   channels_last: bool = False) -> torch.Tensor:
+def to_float_batch(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False
+) -> torch.Tensor:
     """uint8 NHWC -> normalized float32 NCHW (on the images' device).
 
     Transposed while still uint8 (a quarter of the bytes), then one fused multiply-add:
@@ -58,12 +59,25 @@ class BatchLoader:
     `rank`/`world_size` give each DDP process a disjoint slice of every epoch.
     """
 
-    def __init__(self, data: ShardSet, batch_size: int = 256, *, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False, mean: Sequence[float] = (0.0, 0.0, 0.0),
-                 std: Sequence[float] = (1.0, 1.0, 1.0), device: str | torch.device = "cpu",
-                 columns: Sequence[str] = ("labels",), channels_last: bool = False,
-                 memory_limit: int = DEFAULT_MEMORY_LIMIT, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 65_536, indices: np.ndarray | None = None):
+    def __init__(
+        self,
+        data: ShardSet,
+        batch_size: int = 256,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+        device: str | torch.device = "cpu",
+        columns: Sequence[str] = ("labels",),
+        channels_last: bool = False,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 65_536,
+        indices: np.ndarray | None = None,
+    ):
         self.data, self.batch_size = data, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.device = torch.device(device)
@@ -89,7 +103,7 @@ class BatchLoader:
         if self.world_size > 1:
             # Equal-length slices keep DDP processes in lockstep (no rank waits on a missing batch).
             per_rank = len(rows) // self.world_size
-            rows = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
+            rows = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
         return rows
 
     def __len__(self) -> int:
@@ -126,7 +140,7 @@ class BatchLoader:
         rows = self._rows()
         stop = len(rows) - (len(rows) % self.batch_size if self.drop_last else 0)
         for start in range(0, stop, self.batch_size):
-            idx = rows[start:start + self.batch_size]
+            idx = rows[start : start + self.batch_size]
             if not self.shuffle and self.indices is None and self.world_size == 1:
                 sl = slice(int(idx[0]), int(idx[-1]) + 1)  # sequential: a view, no gather
                 yield self._batch(images[sl], {k: v[sl] for k, v in columns.items()})
@@ -138,13 +152,16 @@ class BatchLoader:
         """Out-of-core: visit blocks (whole chunks) in seeded random order, shuffle rows inside
         a buffer of blocks, emit batches. Sequential reads, bounded memory."""
         names = ("images", *self.columns)
-        blocks = [(k, start, min(start + shard.chunk, len(shard)))
-                  for k, shard in enumerate(self.data.shards) for start in range(0, len(shard), shard.chunk)]
+        blocks = [
+            (k, start, min(start + shard.chunk, len(shard)))
+            for k, shard in enumerate(self.data.shards)
+            for start in range(0, len(shard), shard.chunk)
+        ]
         rng = np.random.default_rng((self.seed, self.epoch))
         if self.shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         if self.world_size > 1:
-            blocks = blocks[self.rank::self.world_size]
+            blocks = blocks[self.rank :: self.world_size]
         keep = None if self.indices is None else np.unique(self.indices)
         buffer_rows = max(self.batch_size, self.shuffle_buffer if self.shuffle else self.batch_size)
         pending: dict[str, list] = {n: [] for n in names}
@@ -163,7 +180,7 @@ class BatchLoader:
             order = rng.permutation(len(merged["images"])) if self.shuffle else np.arange(len(merged["images"]))
             full = len(order) - len(order) % self.batch_size
             for start in range(0, full, self.batch_size):
-                idx = order[start:start + self.batch_size]
+                idx = order[start : start + self.batch_size]
                 yield self._batch(merged["images"][idx], {n: merged[n][idx] for n in self.columns})
             rest = order[full:]
             if len(rest):

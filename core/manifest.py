@@ -86,8 +86,11 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise IncompleteDatasetError(f"{path}: damaged manifest ({exc.msg})", ALLOW_HINT) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
-            manifest.get("shards"), list):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("shards"), list)
+    ):
         raise IncompleteDatasetError(f"{path}: not a fakecifar manifest", ALLOW_HINT)
     return manifest
 
@@ -95,8 +98,9 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
 def manifest_problem(directory: Path, manifest: dict | None, shards: Iterable[Path]) -> str | None:
     """Why the directory is not a complete dataset (one line), or None if it is."""
     if manifest is None:
-        return (f"{directory}: no {MANIFEST}, so nothing says the dataset is complete "
-                "(an interrupted or older producer?)")
+        return (
+            f"{directory}: no {MANIFEST}, so nothing says the dataset is complete (an interrupted or older producer?)"
+        )
     listed = {e["name"]: e for e in manifest["shards"] if isinstance(e, dict) and "name" in e}
     present = {p.name: p for p in shards}
     for name, entry in listed.items():
@@ -111,8 +115,10 @@ def manifest_problem(directory: Path, manifest: dict | None, shards: Iterable[Pa
         return f"{directory}: {extra[0]}{more} not listed in {MANIFEST}"
     if not manifest.get("complete"):
         done = sum(int(e.get("images", 0)) for e in listed.values())
-        return (f"{directory}: incomplete: `{manifest.get('command', manifest.get('producer', '?'))}` "
-                f"stopped after {len(listed)} shard(s) ({done} images)")
+        return (
+            f"{directory}: incomplete: `{manifest.get('command', manifest.get('producer', '?'))}` "
+            f"stopped after {len(listed)} shard(s) ({done} images)"
+        )
     return None
 
 
@@ -141,8 +147,9 @@ def check_listed_shard(path: Path, *, allow_incomplete: bool = False) -> None:
     if entry is None:
         raise IncompleteDatasetError(f"{path}: not listed in {path.parent / MANIFEST}", ALLOW_HINT)
     if entry.get("bytes") is not None and _size(path) != entry["bytes"]:
-        raise IncompleteDatasetError(f"{path}: {_size(path)} bytes, {MANIFEST} says {entry['bytes']} "
-                                     "(changed since written)", ALLOW_HINT)
+        raise IncompleteDatasetError(
+            f"{path}: {_size(path)} bytes, {MANIFEST} says {entry['bytes']} (changed since written)", ALLOW_HINT
+        )
 
 
 def _size(path: Path) -> int | None:
@@ -167,8 +174,9 @@ def shard_entry(path: Path, images: int) -> dict:
     return {"name": path.name, "images": int(images), "bytes": path.stat().st_size}
 
 
-def describe_directory(directory: str | os.PathLike, *, command: str | None = None,
-                       producer: str = "fakecifar") -> Path:
+def describe_directory(
+    directory: str | os.PathLike, *, command: str | None = None, producer: str = "fakecifar"
+) -> Path:
     """Write a complete manifest for the shards a directory holds now: to adopt shards written
     by other tools (or by `ShardWriter` directly) as one dataset."""
     from .shards import Shard
@@ -177,11 +185,23 @@ def describe_directory(directory: str | os.PathLike, *, command: str | None = No
     shards = [Shard(p) for p in sorted(directory.glob(f"*{SUFFIX}"))]
     now = utc_now()
     first = shards[0] if shards else None
-    return write_manifest(directory, {
-        "format": FORMAT, "version": VERSION, "complete": True, "producer": producer,
-        "command": command or "described", "params": {}, "created": now, "updated": now,
-        "classes": first.classes if first else [], "image_size": list(first.image_size) if first else None,
-        "images": sum(len(s) for s in shards), "shards": [shard_entry(s.path, len(s)) for s in shards]})
+    return write_manifest(
+        directory,
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": True,
+            "producer": producer,
+            "command": command or "described",
+            "params": {},
+            "created": now,
+            "updated": now,
+            "classes": first.classes if first else [],
+            "image_size": list(first.image_size) if first else None,
+            "images": sum(len(s) for s in shards),
+            "shards": [shard_entry(s.path, len(s)) for s in shards],
+        },
+    )
 
 
 class OutputLock:
@@ -207,12 +227,15 @@ class OutputLock:
             holder = _read_holder(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputBusyError(f"{self.path.parent} is being written by {holder} (lock {self.path})",
-                                      "wait for it to finish, or choose another -o") from None
+                raise OutputBusyError(
+                    f"{self.path.parent} is being written by {holder} (lock {self.path})",
+                    "wait for it to finish, or choose another -o",
+                ) from None
             raise write_error(exc, self.path) from exc
         if not self.shared:  # a shared lock has several holders: the file names none of them
-            info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                               "since": utc_now()})
+            info = json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "since": utc_now()}
+            )
             try:
                 self.path.write_text(info + "\n")
             except OSError:
@@ -242,21 +265,30 @@ def _read_holder(fd: int) -> str:
         info = {}
     if not isinstance(info, dict) or "pid" not in info:
         return "another process (fakecifar mine workers share it)"
-    return f"pid {info['pid']} on {info.get('host', '?')} (`{info.get('command', '?')}`, since {info.get('since', '?')})"
+    return (
+        f"pid {info['pid']} on {info.get('host', '?')} (`{info.get('command', '?')}`, since {info.get('since', '?')})"
+    )
 
 
 class DatasetOutput:
     """The producer's side of an output directory: lock, resume-or-refuse, manifest updates.
 
-        out = DatasetOutput(dir, command="import", params={...}, overwrite=False).open()
-        out.finished      # shards already written by an interrupted run with the same params
-        out.add(path, n, resume={...})   # after each finished shard (before announcing it)
-        out.finish(classes=..., image_size=...)   # the last act: complete
-        out.close()       # always (releases the lock); an unfinished run keeps its manifest
+    out = DatasetOutput(dir, command="import", params={...}, overwrite=False).open()
+    out.finished      # shards already written by an interrupted run with the same params
+    out.add(path, n, resume={...})   # after each finished shard (before announcing it)
+    out.finish(classes=..., image_size=...)   # the last act: complete
+    out.close()       # always (releases the lock); an unfinished run keeps its manifest
     """
 
-    def __init__(self, directory: str | os.PathLike, *, command: str, params: Mapping[str, Any],
-                 overwrite: bool = False, producer: str | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        command: str,
+        params: Mapping[str, Any],
+        overwrite: bool = False,
+        producer: str | None = None,
+    ):
         self.directory = Path(directory)
         self.command = command
         self.params = json.loads(json.dumps(dict(params), default=str))  # what JSON will give back
@@ -299,14 +331,29 @@ class DatasetOutput:
         shards = sorted(out.glob(f"*{SUFFIX}"))
         manifest = read_manifest(out) if (out / MANIFEST).exists() else None
         now = utc_now()
-        base = {"format": FORMAT, "version": VERSION, "complete": False, "producer": self.producer,
-                "command": self.line, "params": self.params, "created": now, "updated": now,
-                "classes": None, "image_size": None, "images": 0, "shards": [], "resume": {}}
+        base = {
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": False,
+            "producer": self.producer,
+            "command": self.line,
+            "params": self.params,
+            "created": now,
+            "updated": now,
+            "classes": None,
+            "image_size": None,
+            "images": 0,
+            "shards": [],
+            "resume": {},
+        }
         if self.overwrite or (not shards and manifest is None):
             self._manifest = base
             return
-        same = manifest is not None and manifest.get("params") == self.params \
+        same = (
+            manifest is not None
+            and manifest.get("params") == self.params
             and manifest.get("producer", "").split(" ")[:2] == self.producer.split(" ")[:2]
+        )
         if same and manifest_problem(out, {**manifest, "complete": True}, shards) is None:
             self._manifest = {**base, **manifest, "command": self.line}
             self.finished = list(manifest["shards"])
@@ -316,16 +363,20 @@ class DatasetOutput:
                 stale.unlink(missing_ok=True)
             return
         if manifest is None:
-            raise OutputExistsError(f"{out} already holds {len(shards)} shard(s) and no {MANIFEST}",
-                                    "pass --overwrite to replace them, or choose another -o")
+            raise OutputExistsError(
+                f"{out} already holds {len(shards)} shard(s) and no {MANIFEST}",
+                "pass --overwrite to replace them, or choose another -o",
+            )
         if not same:
             if manifest.get("complete"):
-                raise OutputExistsError(f"{out} holds the complete output of `{manifest.get('command', '?')}`, "
-                                        "run with other arguments", "pass --overwrite to replace it, or choose "
-                                        "another -o")
-            raise OutputExistsError(f"{out} holds an interrupted run of `{manifest.get('command', '?')}` with "
-                                    "other arguments", "rerun that command to resume it, pass --overwrite to "
-                                    "replace it, or choose another -o")
+                raise OutputExistsError(
+                    f"{out} holds the complete output of `{manifest.get('command', '?')}`, run with other arguments",
+                    "pass --overwrite to replace it, or choose another -o",
+                )
+            raise OutputExistsError(
+                f"{out} holds an interrupted run of `{manifest.get('command', '?')}` with other arguments",
+                "rerun that command to resume it, pass --overwrite to replace it, or choose another -o",
+            )
         problem = manifest_problem(out, {**manifest, "complete": True}, shards)
         raise OutputExistsError(f"cannot resume: {problem}", "pass --overwrite to start again, or choose another -o")
 
@@ -349,8 +400,13 @@ class DatasetOutput:
             self.resume_state = dict(resume)
         self._write(complete=False)
 
-    def finish(self, *, classes: list[str] | None = None, image_size: tuple[int, int] | None = None,
-               resume: Mapping[str, Any] | None = None) -> Path:
+    def finish(
+        self,
+        *,
+        classes: list[str] | None = None,
+        image_size: tuple[int, int] | None = None,
+        resume: Mapping[str, Any] | None = None,
+    ) -> Path:
         """The producer's last act: the manifest says complete."""
         if self.overwrite:
             from .shards import remove_stale_shards
@@ -358,8 +414,10 @@ class DatasetOutput:
             remove_stale_shards(self.directory, self.finished_paths)
         if resume is not None:
             self.resume_state = dict(resume)
-        self._manifest.update(classes=classes if classes is not None else self._manifest.get("classes"),
-                              image_size=list(image_size) if image_size else self._manifest.get("image_size"))
+        self._manifest.update(
+            classes=classes if classes is not None else self._manifest.get("classes"),
+            image_size=list(image_size) if image_size else self._manifest.get("image_size"),
+        )
         path = self._write(complete=True)
         self.already_complete = True
         return path
@@ -371,8 +429,13 @@ class DatasetOutput:
             self._manifest["image_size"] = [int(image_size[0]), int(image_size[1])]
 
     def _write(self, *, complete: bool) -> Path:
-        self._manifest.update(complete=complete, updated=utc_now(), shards=self.finished,
-                              images=self.finished_images, resume=self.resume_state)
+        self._manifest.update(
+            complete=complete,
+            updated=utc_now(),
+            shards=self.finished,
+            images=self.finished_images,
+            resume=self.resume_state,
+        )
         return write_manifest(self.directory, self._manifest)
 
     def close(self, *, failed: bool = False) -> None:

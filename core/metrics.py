@@ -29,8 +29,9 @@ def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: i
     """int64 [K, K]: row = true class, column = predicted class."""
     labels = np.asarray(labels, dtype=np.int64)
     predictions = np.asarray(predictions, dtype=np.int64)
-    return np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes) \
-        .reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float | None:
@@ -62,11 +63,18 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequ
     for i, name in enumerate(classes):
         p = tp[i] / predicted[i] if predicted[i] else 0.0
         r = tp[i] / support[i] if support[i] else 0.0
-        per_class[name] = {"precision": float(p), "recall": float(r), "f1": f_beta(p, r, 1.0),
-                           "f2": f_beta(p, r, 2.0), "support": int(support[i])}
+        per_class[name] = {
+            "precision": float(p),
+            "recall": float(r),
+            "f1": f_beta(p, r, 1.0),
+            "f2": f_beta(p, r, 2.0),
+            "support": int(support[i]),
+        }
     present = [name for i, name in enumerate(classes) if support[i] > 0]
-    macro = {key: (float(np.mean([per_class[c][key] for c in present])) if present else 0.0)
-             for key in ("precision", "recall", "f1", "f2")}
+    macro = {
+        key: (float(np.mean([per_class[c][key] for c in present])) if present else 0.0)
+        for key in ("precision", "recall", "f1", "f2")
+    }
     n = int(len(labels))
     return {
         "images": n,
@@ -122,8 +130,14 @@ def _blues(t: float) -> tuple[int, int, int]:
     return channel(0), channel(1), channel(2)
 
 
-def confusion_heatmap(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike, *,
-                      title: str | None = None, cell: int | None = None) -> Path:
+def confusion_heatmap(
+    cm: np.ndarray,
+    classes: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    cell: int | None = None,
+) -> Path:
     """Draw the row-normalized confusion matrix as a PNG: class names on both axes, each cell
     with its percentage and count, colour by the row-normalized value. Written atomically."""
     from PIL import Image, ImageDraw

@@ -459,8 +459,13 @@ class PCALogReg(nn.Module):
     pca_basis: torch.Tensor
     fitted: torch.Tensor
 
-    def __init__(self, num_classes: int = 2, components: int = 100, input_size: int | Sequence[int] = 32,
-                 fit_images: int = 20_000):
+    def __init__(
+        self,
+        num_classes: int = 2,
+        components: int = 100,
+        input_size: int | Sequence[int] = 32,
+        fit_images: int = 20_000,
+    ):
         super().__init__()
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
         dim = 3 * h * w
@@ -576,8 +581,11 @@ MODELS: dict[str, ModelSpec] = {
             "RepVGG-A2, CIFAR stem; reparameterizable; deploy=False (26.8M train-time)",
             reparameterizable=True,
         ),
-        ModelSpec("pca-logreg", PCALogReg,
-                  "PCA to 100 components + logistic regression, the CIFAKE baseline; fixed input size (1.0K)"),
+        ModelSpec(
+            "pca-logreg",
+            PCALogReg,
+            "PCA to 100 components + logistic regression, the CIFAKE baseline; fixed input size (1.0K)",
+        ),
         ModelSpec(
             "mobilenetv2",
             MobileNetV2,

@@ -225,8 +225,9 @@ def _write_failure(exc: BaseException, path: Path, partial: Path) -> BaseExcepti
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, OSError):
         if cause.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
-            return OutputError(f"cannot write {path}: {cause.strerror or cause}",
-                               "check the directory exists and is writable")
+            return OutputError(
+                f"cannot write {path}: {cause.strerror or cause}", "check the directory exists and is writable"
+            )
         return write_error(cause, path)
     text = str(exc)
     if not isinstance(exc, RuntimeError) or not any(m in text for m in _TORCH_WRITE_FAILURES):

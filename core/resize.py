@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +41,16 @@ def _prefetch(shard: Shard, read_bytes: int = 16 << 20):
             yield block
 
 
-def resize_shards(inputs: Sequence[str | Path], out_dir: str | Path, size: tuple[int, int], *,
-                  overwrite: bool = False, on_shard: Callable[[Path], None] | None = None,
-                  on_progress: Callable[[int], None] | None = None,
-                  allow_incomplete: bool = False) -> list[Path]:
+def resize_shards(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    size: tuple[int, int],
+    *,
+    overwrite: bool = False,
+    on_shard: Callable[[Path], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    allow_incomplete: bool = False,
+) -> list[Path]:
     """Write OUT/<name>.h5 for each input shard, images resized to `size` (height, width).
 
     Inputs need not share a size or classes: each shard is resized on its own. A re-run with
@@ -56,8 +62,10 @@ def resize_shards(inputs: Sequence[str | Path], out_dir: str | Path, size: tuple
     names = {}
     for p in paths:
         if p.name in names:
-            raise UsageError(f"{p} and {names[p.name]} would both be written as {Path(out_dir) / p.name}",
-                             "resize them into separate -o directories")
+            raise UsageError(
+                f"{p} and {names[p.name]} would both be written as {Path(out_dir) / p.name}",
+                "resize them into separate -o directories",
+            )
         names[p.name] = p
     for p in paths:
         if (Path(out_dir) / p.name).resolve() == p.resolve():
@@ -88,11 +96,23 @@ def _resize_into(output, shards: list[Shard], size: tuple[int, int], on_shard, o
             continue
         chain = json.loads(shard.attrs.get("provenance", "[]"))
         chain = (chain if isinstance(chain, list) else [chain]) + [
-            {"step": "resize", "from": f"{shard.image_size[0]}x{shard.image_size[1]}",
-             "to": f"{size[0]}x{size[1]}", "input": str(shard.path)}]
+            {
+                "step": "resize",
+                "from": f"{shard.image_size[0]}x{shard.image_size[1]}",
+                "to": f"{size[0]}x{size[1]}",
+                "input": str(shard.path),
+            }
+        ]
         extra = {k: v for k, v in shard.attrs.items() if k not in _MANAGED}
-        with ShardWriter(target, classes=shard.classes, image_size=size, producer=producer("resize"),
-                         provenance=chain, attrs=extra, overwrite=output.overwrite) as writer:
+        with ShardWriter(
+            target,
+            classes=shard.classes,
+            image_size=size,
+            producer=producer("resize"),
+            provenance=chain,
+            attrs=extra,
+            overwrite=output.overwrite,
+        ) as writer:
             for columns in _prefetch(shard):
                 images = resize_images(columns.pop("images"), size)
                 if "sha256" in columns:  # the duplicate key is a hash of the pixels: recompute it

@@ -28,9 +28,9 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .outputs import PARTIAL, fsync_dir, utc_now
-from .manifest import DatasetOutput, check_dataset_dir, check_listed_shard, read_manifest
 from .errors import BadShardError, IncompatibleShardsError, OutputError, OutputExistsError, UsageError, write_error
+from .manifest import DatasetOutput, check_dataset_dir, check_listed_shard, read_manifest
+from .outputs import PARTIAL, fsync_dir, utc_now
 from .text import format_classes
 
 FORMAT = "fakecifar-shard"
@@ -163,27 +163,34 @@ class ShardWriter(_AtomicOutput):
         kwargs = {}
         if name == "images":
             kwargs["compression"] = self.compression
-        f.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype,
-                         chunks=(self._chunk, *tail) if name == "images" else (max(self._chunk, 1024), *tail),
-                         **kwargs)
+        f.create_dataset(
+            name,
+            shape=(0, *tail),
+            maxshape=(None, *tail),
+            dtype=dtype,
+            chunks=(self._chunk, *tail) if name == "images" else (max(self._chunk, 1024), *tail),
+            **kwargs,
+        )
 
-    def add_batch(self, images: np.ndarray, labels: np.ndarray | Sequence[int] | None = None,
-                  **columns) -> None:
+    def add_batch(self, images: np.ndarray, labels: np.ndarray | Sequence[int] | None = None, **columns) -> None:
         """Append N images (uint8 [N,H,W,3]) with their labels and optional columns."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
             raise UsageError(f"images must be uint8 [N,H,W,3], got {images.dtype} {list(images.shape)}")
         if images.shape[1:3] != self.image_size:
-            raise UsageError(f"{self.path}: image size {images.shape[1]}x{images.shape[2]} "
-                             f"differs from the shard's {self.image_size[0]}x{self.image_size[1]}")
+            raise UsageError(
+                f"{self.path}: image size {images.shape[1]}x{images.shape[2]} "
+                f"differs from the shard's {self.image_size[0]}x{self.image_size[1]}"
+            )
         n = len(images)
         if labels is None:
             labels = np.full(n, UNLABELED, np.int16)
         data = {"images": images, "labels": np.asarray(labels)}
         for name, values in columns.items():
             if values is not None:
-                data[name] = np.asarray(values, dtype=COLUMN_DTYPES.get(name)) \
-                    if not isinstance(values, np.ndarray) else values
+                data[name] = (
+                    np.asarray(values, dtype=COLUMN_DTYPES.get(name)) if not isinstance(values, np.ndarray) else values
+                )
         for name, values in data.items():
             if len(values) != n:
                 raise UsageError(f"column {name!r} has {len(values)} rows for {n} images")
@@ -193,21 +200,23 @@ class ShardWriter(_AtomicOutput):
             for name in names:
                 self._create(name, data[name])
         elif names != self._columns:
-            raise UsageError(f"{self.path}: columns {list(names)} differ from the first batch's "
-                             f"{list(self._columns)}")
+            raise UsageError(f"{self.path}: columns {list(names)} differ from the first batch's {list(self._columns)}")
         if n == 0:
             return
         f = self._open()
         for name, values in data.items():
             ds = f[name]
             ds.resize(self.count + n, axis=0)
-            ds[self.count:self.count + n] = values
+            ds[self.count : self.count + n] = values
         self.count += n
         self._check_writes()
 
     def add(self, image: np.ndarray, label: int = UNLABELED, **columns) -> None:
-        self.add_batch(np.asarray(image)[None], np.array([label]),
-                       **{k: [v] if not isinstance(v, np.ndarray) else v[None] for k, v in columns.items()})
+        self.add_batch(
+            np.asarray(image)[None],
+            np.array([label]),
+            **{k: [v] if not isinstance(v, np.ndarray) else v[None] for k, v in columns.items()},
+        )
 
     def close(self) -> Path:
         """Finish the shard: attributes, flush, fsync, rename to the final name. Returns it."""
@@ -325,11 +334,23 @@ class ShardSeriesWriter(_AtomicOutput):
     so a consumer downstream in a pipe can start on it at once.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, shard_size: int, classes: Sequence[str],
-                 image_size: tuple[int, int], producer: str, prefix: str = "shard",
-                 provenance: list | None = None, overwrite: bool = False, start_index: int = 0,
-                 on_shard: Callable[[Path], None] | None = None, compression: str | None = None,
-                 dataset: DatasetOutput | None = None, resume_state: Callable[[Any], dict] | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        shard_size: int,
+        classes: Sequence[str],
+        image_size: tuple[int, int],
+        producer: str,
+        prefix: str = "shard",
+        provenance: list | None = None,
+        overwrite: bool = False,
+        start_index: int = 0,
+        on_shard: Callable[[Path], None] | None = None,
+        compression: str | None = None,
+        dataset: DatasetOutput | None = None,
+        resume_state: Callable[[Any], dict] | None = None,
+    ):
         if shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
         self.out_dir = Path(out_dir)
@@ -353,9 +374,15 @@ class ShardSeriesWriter(_AtomicOutput):
     def _current(self) -> ShardWriter:
         if self._writer is None:
             path = self.out_dir / f"{self.prefix}-{self.index:05d}{SUFFIX}"
-            self._writer = ShardWriter(path, classes=self.classes, image_size=self.image_size,
-                                       producer=self.producer, provenance=self.provenance,
-                                       overwrite=self.overwrite, compression=self.compression)
+            self._writer = ShardWriter(
+                path,
+                classes=self.classes,
+                image_size=self.image_size,
+                producer=self.producer,
+                provenance=self.provenance,
+                overwrite=self.overwrite,
+                compression=self.compression,
+            )
         return self._writer
 
     def add_batch(self, images: np.ndarray, labels=None, *, positions: Sequence | None = None, **columns) -> None:
@@ -367,8 +394,11 @@ class ShardSeriesWriter(_AtomicOutput):
             writer = self._current()
             take = min(self.shard_size - writer.count, len(images) - start)
             sl = slice(start, start + take)
-            writer.add_batch(images[sl], None if labels is None else np.asarray(labels)[sl],
-                             **{k: (None if v is None else np.asarray(v)[sl]) for k, v in columns.items()})
+            writer.add_batch(
+                images[sl],
+                None if labels is None else np.asarray(labels)[sl],
+                **{k: (None if v is None else np.asarray(v)[sl]) for k, v in columns.items()},
+            )
             start += take
             self.count += take
             if positions is not None:
@@ -406,8 +436,7 @@ class ShardSeriesWriter(_AtomicOutput):
 def open_dataset_output(out: str | os.PathLike, *, command: str, params: dict, overwrite: bool) -> DatasetOutput:
     """Lock OUT for this producer and decide: fresh, resume (an interrupted run with the same
     params), already complete, or refused. See fakecifar.manifest."""
-    return DatasetOutput(out, command=command, params=params, overwrite=overwrite,
-                         producer=producer(command)).open()
+    return DatasetOutput(out, command=command, params=params, overwrite=overwrite, producer=producer(command)).open()
 
 
 def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -427,8 +456,9 @@ def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool) -> Path:
         raise OutputError(f"{out} is not writable", "choose a writable -o or fix its permissions")
     existing = sorted(out.glob(f"*{SUFFIX}"))
     if existing and not overwrite:
-        raise OutputExistsError(f"{out} already holds {len(existing)} shard(s)",
-                                "pass --overwrite to replace them, or choose another -o")
+        raise OutputExistsError(
+            f"{out} already holds {len(existing)} shard(s)", "pass --overwrite to replace them, or choose another -o"
+        )
     return out
 
 
@@ -457,22 +487,28 @@ class Shard:
         try:
             attrs = dict(f.attrs)
             if attrs.get("format") != FORMAT:
-                raise BadShardError(f"{self.path}: not a fakecifar shard (format attribute is "
-                                    f"{attrs.get('format')!r})", "create shards with `fakecifar import`")
+                raise BadShardError(
+                    f"{self.path}: not a fakecifar shard (format attribute is {attrs.get('format')!r})",
+                    "create shards with `fakecifar import`",
+                )
             if "images" not in f:
                 raise BadShardError(f"{self.path}: shard has no 'images' dataset", "the file is damaged; recreate it")
             images = f["images"]
             if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-                raise BadShardError(f"{self.path}: 'images' is {images.dtype} {list(images.shape)}, "
-                                    "not uint8 [N,H,W,3]", "the file is damaged; recreate it")
+                raise BadShardError(
+                    f"{self.path}: 'images' is {images.dtype} {list(images.shape)}, not uint8 [N,H,W,3]",
+                    "the file is damaged; recreate it",
+                )
             self.n = int(images.shape[0])
             self.image_size = (int(images.shape[1]), int(images.shape[2]))
             self.chunk = int(images.chunks[0]) if images.chunks else self.n or 1
             self.columns = tuple(sorted(k for k, v in f.items() if isinstance(v, h5py.Dataset)))
             for name in self.columns:
                 if f[name].shape[:1] != (self.n,):
-                    raise BadShardError(f"{self.path}: column {name!r} has {f[name].shape[0]} rows for "
-                                        f"{self.n} images", "the file is damaged; recreate it")
+                    raise BadShardError(
+                        f"{self.path}: column {name!r} has {f[name].shape[0]} rows for {self.n} images",
+                        "the file is damaged; recreate it",
+                    )
             self.classes = json.loads(attrs.get("classes", "[]"))
             self.version = int(attrs.get("version", 0))
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
@@ -484,7 +520,9 @@ class Shard:
             raise
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             self.close()
-            raise BadShardError(f"{self.path}: damaged shard ({exc})", "the file is truncated or corrupt; recreate it") from exc
+            raise BadShardError(
+                f"{self.path}: damaged shard ({exc})", "the file is truncated or corrupt; recreate it"
+            ) from exc
         self.close()
 
     def _handle(self) -> h5py.File:
@@ -533,7 +571,9 @@ class Shard:
                 return target
             data = self._handle()[name][start:stop]
         except (OSError, ValueError) as exc:
-            raise BadShardError(f"{self.path}: cannot read {name!r} ({exc})", "the file is damaged; recreate it") from exc
+            raise BadShardError(
+                f"{self.path}: cannot read {name!r} ({exc})", "the file is damaged; recreate it"
+            ) from exc
         if data.dtype.kind == "O":
             data = np.array([v.decode() if isinstance(v, bytes) else v for v in data], dtype=object)
         return data
@@ -560,11 +600,14 @@ class ShardSet:
                 raise IncompatibleShardsError(
                     f"{shard.path}: classes {format_classes(shard.classes)} differ from {first.path}'s "
                     f"{format_classes(first.classes)}",
-                    "give shards of one dataset, or re-import with the same --classes")
+                    "give shards of one dataset, or re-import with the same --classes",
+                )
             if shard.image_size != first.image_size:
                 raise IncompatibleShardsError(
                     f"{shard.path}: images are {shard.image_size[0]}x{shard.image_size[1]}, {first.path} "
-                    f"has {first.image_size[0]}x{first.image_size[1]}", "run `fakecifar resize` to one size first")
+                    f"has {first.image_size[0]}x{first.image_size[1]}",
+                    "run `fakecifar resize` to one size first",
+                )
         self.classes: list[str] = list(first.classes)
         self.image_size: tuple[int, int] = first.image_size
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
@@ -581,8 +624,9 @@ class ShardSet:
         """A whole column across all shards (load `images` this way only for small data)."""
         return np.concatenate([s.read(name) for s in self.shards]) if self.shards else np.empty(0)
 
-    def iter_chunks(self, names: Sequence[str] = ("images", "labels"),
-                    rows: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def iter_chunks(
+        self, names: Sequence[str] = ("images", "labels"), rows: int | None = None
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yield (global_start, {name: rows}) in order, reading whole HDF5 chunks at a time."""
         for name in names:
             if name not in self.columns:
@@ -639,7 +683,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], *, allow_incomplete: bool
                 manifest = read_manifest(p)
                 if manifest is not None and not manifest.get("complete"):
                     check_dataset_dir(p, found)
-                raise UsageError(f"{p}: directory holds no *{SUFFIX} shards", "give the folder `fakecifar import` wrote")
+                raise UsageError(
+                    f"{p}: directory holds no *{SUFFIX} shards", "give the folder `fakecifar import` wrote"
+                )
             check_dataset_dir(p, found, allow_incomplete=allow_incomplete)
             paths.extend(found)
         elif p.exists():

@@ -57,9 +57,16 @@ def assign_val(strata: np.ndarray, groups: np.ndarray, fraction: float, seed: in
     return is_val
 
 
-def split_dataset(data: ShardSet, out_dir: str | Path, *, fraction: float, seed: int = 0,
-                  shard_size: int = 10_000, overwrite: bool = False,
-                  on_shard: Callable[[Path], None] | None = None) -> SplitReport:
+def split_dataset(
+    data: ShardSet,
+    out_dir: str | Path,
+    *,
+    fraction: float,
+    seed: int = 0,
+    shard_size: int = 10_000,
+    overwrite: bool = False,
+    on_shard: Callable[[Path], None] | None = None,
+) -> SplitReport:
     """Write OUT/train/*.h5 and OUT/val/*.h5. Strata are (class, origin); order is kept.
 
     Each side is a dataset with its own manifest; a re-run with the same arguments after an
@@ -67,13 +74,18 @@ def split_dataset(data: ShardSet, out_dir: str | Path, *, fraction: float, seed:
     out = Path(out_dir)
     if shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
-    params = {"inputs": [str(p.resolve()) for p in data.paths], "val_fraction": round(fraction, 6), "seed": seed,
-              "shard_size": shard_size}
+    params = {
+        "inputs": [str(p.resolve()) for p in data.paths],
+        "val_fraction": round(fraction, 6),
+        "seed": seed,
+        "shard_size": shard_size,
+    }
     sides = {}
     try:
         for part in ("train", "val"):
-            sides[part] = open_dataset_output(out / part, command="split", params={**params, "part": part},
-                                              overwrite=overwrite)
+            sides[part] = open_dataset_output(
+                out / part, command="split", params={**params, "part": part}, overwrite=overwrite
+            )
         report = _split_into(data, sides, fraction=fraction, seed=seed, shard_size=shard_size, on_shard=on_shard)
     except BaseException:
         for side in sides.values():
@@ -84,8 +96,9 @@ def split_dataset(data: ShardSet, out_dir: str | Path, *, fraction: float, seed:
     return report
 
 
-def _split_into(data: ShardSet, sides: dict, *, fraction: float, seed: int, shard_size: int,
-                on_shard: Callable[[Path], None] | None) -> SplitReport:
+def _split_into(
+    data: ShardSet, sides: dict, *, fraction: float, seed: int, shard_size: int, on_shard: Callable[[Path], None] | None
+) -> SplitReport:
     labels = data.read("labels").astype(np.int64)
     origin = data.read("origin").astype(np.int64) if "origin" in data.columns else np.zeros_like(labels)
     if "sha256" in data.columns:
@@ -96,8 +109,9 @@ def _split_into(data: ShardSet, sides: dict, *, fraction: float, seed: int, shar
     is_val = assign_val(labels * 256 + origin, groups, fraction, seed)
     report = SplitReport(duplicate_groups=int(len(groups) - len(np.unique(groups))))
     report.train_images, report.val_images = int((~is_val).sum()), int(is_val.sum())
-    chain = provenance_of(data.shards) + [{"step": "split", "val_fraction": round(fraction, 6), "seed": seed,
-                                            "inputs": [str(p) for p in data.paths]}]
+    chain = provenance_of(data.shards) + [
+        {"step": "split", "val_fraction": round(fraction, 6), "seed": seed, "inputs": [str(p) for p in data.paths]}
+    ]
     writers, done = {}, {}
     for part, side in sides.items():
         done[part] = side.finished_images  # rows of this side an interrupted run already wrote
@@ -105,14 +119,21 @@ def _split_into(data: ShardSet, sides: dict, *, fraction: float, seed: int, shar
             for path in side.finished_paths:
                 on_shard(path)
         if not side.already_complete:
-            writers[part] = ShardSeriesWriter(side.directory, shard_size=shard_size, classes=data.classes,
-                                              image_size=data.image_size, producer=producer("split"),
-                                              overwrite=side.overwrite, on_shard=on_shard, dataset=side,
-                                              provenance=chain + [{"part": part}])
+            writers[part] = ShardSeriesWriter(
+                side.directory,
+                shard_size=shard_size,
+                classes=data.classes,
+                image_size=data.image_size,
+                producer=producer("split"),
+                overwrite=side.overwrite,
+                on_shard=on_shard,
+                dataset=side,
+                provenance=chain + [{"part": part}],
+            )
     try:
         taken = {"train": 0, "val": 0}  # rows of each side seen so far in input order
         for start, chunk in data.iter_chunks(data.columns):
-            mask = is_val[start:start + len(chunk["images"])]
+            mask = is_val[start : start + len(chunk["images"])]
             for part, rows in (("train", ~mask), ("val", mask)):
                 index = np.nonzero(rows)[0]
                 skip = max(0, min(len(index), done[part] - taken[part]))
@@ -127,7 +148,7 @@ def _split_into(data: ShardSet, sides: dict, *, fraction: float, seed: int, shar
         for writer in writers.values():
             writer.abort()
         raise
-    for part, side in sides.items():
+    for side in sides.values():
         if not side.already_complete:
             side.finish(classes=data.classes, image_size=data.image_size)
     report.train, report.val = sides["train"].finished_paths, sides["val"].finished_paths

@@ -62,23 +62,31 @@ class _Accumulator:
         if self.labels[-1]:
             per_class["(unlabeled)"] = int(self.labels[-1])
         return DatasetStats(
-            name=name, images=self.n, image_size=data.image_size, classes=data.classes,
+            name=name,
+            images=self.n,
+            image_size=data.image_size,
+            classes=data.classes,
             mean=[float(m) / 255 for m in np.nan_to_num(mean)],
             std=[float(np.sqrt(max(v, 0.0))) / 255 for v in np.nan_to_num(var)],
-            duplicates=self.n - len(self.digests), per_class=per_class,
+            duplicates=self.n - len(self.digests),
+            per_class=per_class,
             per_origin={o: int(k) for o, k in zip(ORIGIN_NAMES, self.origins)} if has_origin else {},
-            shards=len(data.shards))
+            shards=len(data.shards),
+        )
 
 
-def dataset_stats(data: ShardSet, name: str, *, by: str | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> list[DatasetStats]:
+def dataset_stats(
+    data: ShardSet, name: str, *, by: str | None = None, on_progress: Callable[[int], None] | None = None
+) -> list[DatasetStats]:
     """Statistics of one dataset, or of each of its origins (`by="origin"`) side by side."""
     if by not in (None, "origin"):
         raise UsageError(f"--by must be origin, not {by!r}")
     has_origin = "origin" in data.columns
     if by == "origin" and not has_origin:
-        raise UsageError(f"{data.paths[0]}: has no origin column to group by",
-                         "import with --origin real|fake or from CIFAKE folders")
+        raise UsageError(
+            f"{data.paths[0]}: has no origin column to group by",
+            "import with --origin real|fake or from CIFAKE folders",
+        )
     columns = ["images", "labels"] + (["origin"] if has_origin else [])
     columns += ["sha256"] if "sha256" in data.columns else []
     groups = {g: _Accumulator(len(data.classes)) for g in (range(len(ORIGIN_NAMES)) if by else [None])}
@@ -98,19 +106,23 @@ def dataset_stats(data: ShardSet, name: str, *, by: str | None = None,
             on_progress(len(images))
     if by is None:
         return [groups[None].finish(name, data, has_origin)]
-    return [acc.finish(f"{name} [{ORIGIN_NAMES[g]}]", data, True) for g, acc in groups.items()
-            if acc.n and g is not None]
+    return [
+        acc.finish(f"{name} [{ORIGIN_NAMES[g]}]", data, True) for g, acc in groups.items() if acc.n and g is not None
+    ]
 
 
 def stats_table(stats: list[DatasetStats]) -> list[list[str]]:
     """Rows for a side-by-side table: one column per dataset."""
+
     def per(key, sub):
         return [str(getattr(s, key).get(sub, "")) for s in stats]
 
-    rows = [["images"] + [str(s.images) for s in stats],
-            ["shards"] + [str(s.shards) for s in stats],
-            ["size"] + [f"{s.image_size[0]}x{s.image_size[1]}" for s in stats],
-            ["classes"] + [str(len(s.classes)) for s in stats]]
+    rows = [
+        ["images"] + [str(s.images) for s in stats],
+        ["shards"] + [str(s.shards) for s in stats],
+        ["size"] + [f"{s.image_size[0]}x{s.image_size[1]}" for s in stats],
+        ["classes"] + [str(len(s.classes)) for s in stats],
+    ]
     for i, channel in enumerate("RGB"):
         rows.append([f"mean {channel}"] + [f"{s.mean[i]:.4f}" for s in stats])
     for i, channel in enumerate("RGB"):

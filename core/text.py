@@ -37,7 +37,7 @@ def format_classes(names: Sequence[object], limit: int = 6) -> str:
     names = [str(n) for n in names]
     shown = [repr(n) for n in names]
     if len(shown) > limit:
-        shown = shown[:limit - 2] + ["..."] + shown[-1:]
+        shown = shown[: limit - 2] + ["..."] + shown[-1:]
     count = f"{len(names)} class" + ("" if len(names) == 1 else "es")
     return printable(f"[{', '.join(shown)}] ({count})")
 

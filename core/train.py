@@ -174,7 +174,10 @@ def validate_config(c: TrainConfig) -> None:
         (c.schedule in SCHEDULES, f"unknown --schedule {c.schedule!r} (use {', '.join(SCHEDULES)})"),
         (c.precision in PRECISIONS, f"unknown --precision {c.precision!r} (use {', '.join(PRECISIONS)})"),
         (0 <= c.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {c.label_smoothing}"),
-        (c.target in ("class", "origin", "origin+class"), f"unknown --target {c.target!r} (use class, origin or origin+class)"),
+        (
+            c.target in ("class", "origin", "origin+class"),
+            f"unknown --target {c.target!r} (use class, origin or origin+class)",
+        ),
         (c.soft in (None, *SOFT_LOSSES), f"unknown --soft {c.soft!r} (use kl or l2)"),
         (c.temperature > 0, f"--temperature must be positive, got {c.temperature}"),
         (0 <= c.alpha <= 1, f"--alpha must be in [0, 1], got {c.alpha}"),
@@ -235,8 +238,9 @@ class Dist:
 def dist_from_env() -> Dist:
     """RANK/WORLD_SIZE/LOCAL_RANK as set by torchrun (single process when absent)."""
     try:
-        return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+        return Dist(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
     except ValueError as exc:
         raise UsageError(f"bad torchrun environment: {exc}") from exc
 
@@ -289,8 +293,8 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short warm-up
-        src = [t for t in model.state_dict().values()]
-        dst = [t for t in self.model.state_dict().values()]
+        src = list(model.state_dict().values())
+        dst = list(self.model.state_dict().values())
         floats = [(d, s) for d, s in zip(dst, src) if d.dtype.is_floating_point]
         if floats:
             torch._foreach_lerp_([d for d, _ in floats], [s for _, s in floats], 1.0 - decay)
@@ -328,7 +332,7 @@ def whiten_init(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> bo
     weight = conv.weight.detach().clone()
     chosen = filters[:pairs].reshape(pairs, 3, kh, kw).to(weight)
     weight[:pairs] = chosen
-    weight[pairs:2 * pairs] = -chosen
+    weight[pairs : 2 * pairs] = -chosen
     conv.weight.copy_(weight)
     return True
 
@@ -337,8 +341,9 @@ def soft_loss(kind: str, logits: torch.Tensor, teacher: torch.Tensor, temperatur
     """Distillation loss: KL(teacher_T || student_T) * T^2 (Hinton et al.) or MSE of the logits."""
     if kind == "kl":
         t = temperature
-        return F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                        reduction="batchmean", log_target=True) * (t * t)
+        return F.kl_div(
+            F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean", log_target=True
+        ) * (t * t)
     return F.mse_loss(logits, teacher)
 
 
@@ -397,8 +402,11 @@ class _StopFlag:
         """The error to raise once the state is saved: `message` says where the run stopped."""
         signum = self.signum or signal.SIGINT
         verb = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-        return TrainingInterrupted(f"{verb} {message}; state saved to {output}",
-                                   f"continue with: fakecifar train --resume {output}", signum=signum)
+        return TrainingInterrupted(
+            f"{verb} {message}; state saved to {output}",
+            f"continue with: fakecifar train --resume {output}",
+            signum=signum,
+        )
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -406,8 +414,15 @@ class _StopFlag:
         self._old.clear()
 
 
-def _check_output(path: Path, *, overwrite: bool, allowed: Sequence[Path] = (), option: str = "-o",
-                  temp_suffix: str = ".partial", probe: bool = True) -> None:
+def _check_output(
+    path: Path,
+    *,
+    overwrite: bool,
+    allowed: Sequence[Path] = (),
+    option: str = "-o",
+    temp_suffix: str = ".partial",
+    probe: bool = True,
+) -> None:
     """Refuse a name too long, a directory, an existing `path` (unless `overwrite` or it is one
     of `allowed`), a place that cannot be written (with `probe`, a probe file is created and
     removed: only the process that writes probes, rank 0 under DDP)."""
@@ -441,13 +456,13 @@ def check_outputs(
     allowed = [resume_path] if resume_path else []
     _check_output(output, overwrite=overwrite, allowed=allowed, probe=dist.main)
     if onnx:
-        _check_output(output.with_suffix(".onnx"), overwrite=overwrite or resume_path is not None,
-                      probe=dist.main)
+        _check_output(output.with_suffix(".onnx"), overwrite=overwrite or resume_path is not None, probe=dist.main)
     if log_path:
         log_path = Path(log_path)
         # A resumed run appends to its log; a new one refuses to clobber one.
-        _check_output(log_path, overwrite=overwrite or resume_path is not None, option="--log", temp_suffix="",
-                      probe=dist.main)
+        _check_output(
+            log_path, overwrite=overwrite or resume_path is not None, option="--log", temp_suffix="", probe=dist.main
+        )
         if dist.main and log_path.is_file():
             try:  # appending nothing changes nothing, and is the honest test (os.access lies to root)
                 open(log_path, "a").close()
@@ -460,8 +475,10 @@ def check_outputs(
 
 def _check_arch(path: Path, meta: Mapping[str, Any], config: TrainConfig) -> None:
     if meta["arch"] != config.model:
-        raise UsageError(f"{path}: checkpoint is a {meta['arch']}, not a {config.model}",
-                         f"resume with --model {meta['arch']} (or drop --model)")
+        raise UsageError(
+            f"{path}: checkpoint is a {meta['arch']}, not a {config.model}",
+            f"resume with --model {meta['arch']} (or drop --model)",
+        )
 
 
 # ----------------------------------------------------------------------------- training
@@ -499,25 +516,36 @@ def train(
     if val is not None:
         check_target(val, config.target)
         if val.classes != data.classes:
-            raise UsageError(f"{val.paths[0]}: validation classes differ from the training data's",
-                             "give --val shards of the same dataset")
+            raise UsageError(
+                f"{val.paths[0]}: validation classes differ from the training data's",
+                "give --val shards of the same dataset",
+            )
         if val.image_size != data.image_size:
-            raise UsageError(f"{val.paths[0]}: validation images are {val.image_size[0]}x{val.image_size[1]}, "
-                             f"training {data.image_size[0]}x{data.image_size[1]}", "resize one of them")
+            raise UsageError(
+                f"{val.paths[0]}: validation images are {val.image_size[0]}x{val.image_size[1]}, "
+                f"training {data.image_size[0]}x{data.image_size[1]}",
+                "resize one of them",
+            )
     classes = target_classes(data.classes, config.target)
     if stored_meta is not None and stored_meta["classes"] != classes:
-        raise BadCheckpointError(f"{resume_path}: checkpoint classes {format_classes(stored_meta['classes'])} differ "
-                                 f"from the training data's {format_classes(classes)}",
-                                 "resume on the data it was trained on")
+        raise BadCheckpointError(
+            f"{resume_path}: checkpoint classes {format_classes(stored_meta['classes'])} differ "
+            f"from the training data's {format_classes(classes)}",
+            "resume on the data it was trained on",
+        )
     use_soft = config.soft is not None
     if use_soft:
         if "logits" not in data.columns:
-            raise UsageError(f"{data.paths[0]}: --soft needs a 'logits' column (teacher outputs)",
-                             "write one with `fakecifar extract` or a teacher's predictions")
+            raise UsageError(
+                f"{data.paths[0]}: --soft needs a 'logits' column (teacher outputs)",
+                "write one with `fakecifar extract` or a teacher's predictions",
+            )
         width = data.shards[0].read("logits", 0, 1).shape[1] if len(data.shards[0]) else len(classes)
         if width != len(classes):
-            raise UsageError(f"{data.paths[0]}: 'logits' has {width} columns for {len(classes)} classes",
-                             "soft targets must cover the target classes")
+            raise UsageError(
+                f"{data.paths[0]}: 'logits' has {width} columns for {len(classes)} classes",
+                "soft targets must cover the target classes",
+            )
 
     if log_path and dist.main:
         try:  # fail now, not after an epoch, if it cannot be written
@@ -564,26 +592,46 @@ def train(
     else:
         device = resolve_device(config.device)
     amp_dtype = autocast_dtype(config.precision, device)
-    channels_last = config.channels_last if config.channels_last is not None else (
-        device.type == "cuda" or amp_dtype is not None)
+    channels_last = (
+        config.channels_last if config.channels_last is not None else (device.type == "cuda" or amp_dtype is not None)
+    )
     torch.manual_seed(config.seed)
 
     per_rank_batch = max(1, config.batch_size // dist.world_size)
     per_rank_rows = len(rows) // dist.world_size
-    loader = BatchLoader(data, per_rank_batch, shuffle=True, seed=config.seed,
-                         drop_last=per_rank_rows > per_rank_batch, mean=mean, std=std, device=device,
-                         columns=columns, channels_last=channels_last, rank=dist.rank,
-                         world_size=dist.world_size, indices=None if len(rows) == len(data) else rows)
+    loader = BatchLoader(
+        data,
+        per_rank_batch,
+        shuffle=True,
+        seed=config.seed,
+        drop_last=per_rank_rows > per_rank_batch,
+        mean=mean,
+        std=std,
+        device=device,
+        columns=columns,
+        channels_last=channels_last,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        indices=None if len(rows) == len(data) else rows,
+    )
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.epochs
     val_loader = None
     if val is not None:
         val_small = {c: val.read(c) for c in needed_columns(config.target)}
         val_targets = make_targets(val_small.get("labels"), val_small.get("origin"), len(val.classes), config.target)
-        val_rows = np.nonzero(val_targets >= 0)[0][dist.rank::dist.world_size]
-        val_loader = BatchLoader(val, max(per_rank_batch, 256), shuffle=False, mean=mean, std=std, device=device,
-                                 columns=needed_columns(config.target), channels_last=channels_last,
-                                 indices=val_rows)
+        val_rows = np.nonzero(val_targets >= 0)[0][dist.rank :: dist.world_size]
+        val_loader = BatchLoader(
+            val,
+            max(per_rank_batch, 256),
+            shuffle=False,
+            mean=mean,
+            std=std,
+            device=device,
+            columns=needed_columns(config.target),
+            channels_last=channels_last,
+            indices=val_rows,
+        )
 
     # ---- model, optimizer, EMA
     if "input_size" in inspect.signature(MODELS[resolve_name(config.model)].builder).parameters:
@@ -598,14 +646,20 @@ def train(
         whiten_init(model, next(iter(sample))[0])
     if not state and getattr(model, "needs_fit", False):
         # Models with a data-derived part (pca-logreg's PCA basis) fit it before the first step.
-        sample_rows = np.sort(np.random.default_rng(config.seed).permutation(rows)[:model.fit_images])
-        model.fit_unsupervised(x for x, in BatchLoader(data, 1024, mean=mean, std=std, columns=(),
-                                                       indices=sample_rows))
+        sample_rows = np.sort(np.random.default_rng(config.seed).permutation(rows)[: model.fit_images])
+        model.fit_unsupervised(
+            x for (x,) in BatchLoader(data, 1024, mean=mean, std=std, columns=(), indices=sample_rows)
+        )
     model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay, nesterov=config.nesterov)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
     if state.get("optimizer"):
         optimizer.load_state_dict(state["optimizer"])
     ema = EMA(model, config.ema) if config.ema else None
@@ -628,20 +682,39 @@ def train(
     carried: dict[str, Any] = dict(state.get("epoch_partial") or {}) if skip_steps and dist.main else {}
     best = {"val_loss": None, "epoch": None, "state": None}
     if val is not None:  # without validation now, a best state from before would freeze the weights
-        best = {"val_loss": state.get("best_val_loss"), "epoch": state.get("best_epoch"),
-                "state": state.get("best_state")}
+        best = {
+            "val_loss": state.get("best_val_loss"),
+            "epoch": state.get("best_epoch"),
+            "state": state.get("best_state"),
+        }
     bad_epochs = int(state.get("bad_epochs", 0))
     elapsed_before = float(state.get("elapsed_s", 0.0))
     run_start = time.perf_counter()
-    meta = {"arch": config.model, "arch_kwargs": config.arch_kwargs, "classes": classes, "mean": mean,
-            "std": std, "input_size": list(data.image_size)}
-    info = {"data": [str(p) for p in data.paths], "val": [str(p) for p in val.paths] if val else None,
-            "images": int(len(rows)), "world_size": dist.world_size, "device": str(device),
-            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            "channels_last": bool(channels_last), "fakecifar": __version__, "target": config.target}
+    meta = {
+        "arch": config.model,
+        "arch_kwargs": config.arch_kwargs,
+        "classes": classes,
+        "mean": mean,
+        "std": std,
+        "input_size": list(data.image_size),
+    }
+    info = {
+        "data": [str(p) for p in data.paths],
+        "val": [str(p) for p in val.paths] if val else None,
+        "images": int(len(rows)),
+        "world_size": dist.world_size,
+        "device": str(device),
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "channels_last": bool(channels_last),
+        "fakecifar": __version__,
+        "target": config.target,
+    }
     if start_epoch >= config.epochs:
-        raise UsageError(f"{resume_path}: training already finished ({start_epoch} of {config.epochs} epochs)",
-                         "pass a larger --epochs to continue")
+        raise UsageError(
+            f"{resume_path}: training already finished ({start_epoch} of {config.epochs} epochs)",
+            "pass a larger --epochs to continue",
+        )
+
     def eval_model() -> nn.Module:
         return ema.model if ema else model
 
@@ -656,22 +729,35 @@ def train(
         if not dist.main:
             return
         resume_state = {
-            "epoch": epoch_done, "step": step_in_epoch, "global_step": global_step, "epoch_partial": partial,
+            "epoch": epoch_done,
+            "step": step_in_epoch,
+            "global_step": global_step,
+            "epoch_partial": partial,
             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "ema": {k: v.detach().cpu().clone() for k, v in ema.model.state_dict().items()} if ema else None,
             "ema_updates": ema.updates if ema else 0,
             "scaler": scaler.state_dict() if scaler else None,
-            "best_val_loss": best["val_loss"], "best_epoch": best["epoch"], "best_state": best["state"],
-            "bad_epochs": bad_epochs, "history": history,
+            "best_val_loss": best["val_loss"],
+            "best_epoch": best["epoch"],
+            "best_state": best["state"],
+            "bad_epochs": bad_epochs,
+            "history": history,
             "elapsed_s": elapsed_before + time.perf_counter() - run_start,
         }
         holder = build_model(config.model, len(classes), **config.arch_kwargs)
         holder.load_state_dict(deliverable())
-        train_meta = {**info, "args": config.to_dict(), "epochs_done": epoch_done, "stopped": stopped,
-                      "history": history, "metrics": history[-1] if history else {},
-                      "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
-                      "elapsed_s": resume_state["elapsed_s"]}
+        train_meta = {
+            **info,
+            "args": config.to_dict(),
+            "epochs_done": epoch_done,
+            "stopped": stopped,
+            "history": history,
+            "metrics": history[-1] if history else {},
+            "best_epoch": best["epoch"],
+            "best_val_loss": best["val_loss"],
+            "elapsed_s": resume_state["elapsed_s"],
+        }
         save_checkpoint(output, holder, train=train_meta, extra={"resume": resume_state}, **meta)
 
     # ---- the loop
@@ -693,8 +779,13 @@ def train(
                     continue
                 x, cols = batch[0], dict(zip(columns, batch[1:]))
                 gen = step_generator(config.seed, epoch, step_index)
-                x = augment_batch(x, config.augment, pad=config.pad, generator=gen,
-                                  epoch=epoch if config.flip == "alternate" else None)
+                x = augment_batch(
+                    x,
+                    config.augment,
+                    pad=config.pad,
+                    generator=gen,
+                    epoch=epoch if config.flip == "alternate" else None,
+                )
                 y = _batch_targets(cols, config.target, len(data.classes))
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * lr_factor(config, global_step, total_steps, steps_per_epoch)
@@ -722,8 +813,12 @@ def train(
                 # every 25 steps on one GPU, where each check waits for the device.
                 stop_now = nan_now = False
                 if dist.enabled or device.type == "cpu" or step % 25 == 0 or stop.set:
-                    flags = torch.stack([torch.tensor(float(stop.set), dtype=torch.float64, device=device),
-                                         (~torch.isfinite(loss_sum)).double()])
+                    flags = torch.stack(
+                        [
+                            torch.tensor(float(stop.set), dtype=torch.float64, device=device),
+                            (~torch.isfinite(loss_sum)).double(),
+                        ]
+                    )
                     if dist.enabled:
                         import torch.distributed as tdist
 
@@ -732,44 +827,65 @@ def train(
                 if nan_now:
                     raise _diverged(output, epoch, step, last_saved_epoch, dist)
                 if stop_now:
-                    sums = torch.stack([loss_sum, correct, torch.tensor(float(seen + seen_before), dtype=torch.float64,
-                                                                        device=device)])
+                    sums = torch.stack(
+                        [loss_sum, correct, torch.tensor(float(seen + seen_before), dtype=torch.float64, device=device)]
+                    )
                     if dist.enabled:
                         import torch.distributed as tdist
 
                         tdist.all_reduce(sums)
                     loss_total, correct_total, seen_total = sums.tolist()
-                    save(epoch, step, "interrupted",
-                         partial={"loss_sum": loss_total, "correct": correct_total, "seen": int(seen_total),
-                                  "time_s": time_before + time.perf_counter() - epoch_start})
+                    save(
+                        epoch,
+                        step,
+                        "interrupted",
+                        partial={
+                            "loss_sum": loss_total,
+                            "correct": correct_total,
+                            "seen": int(seen_total),
+                            "time_s": time_before + time.perf_counter() - epoch_start,
+                        },
+                    )
                     _finish_dist(dist)
-                    raise stop.interrupted(f"in epoch {epoch + 1}/{config.epochs} after step {step}/{steps_per_epoch}",
-                                           output)
+                    raise stop.interrupted(
+                        f"in epoch {epoch + 1}/{config.epochs} after step {step}/{steps_per_epoch}", output
+                    )
                 if on_step:
                     on_step(len(x))
             skip_steps = 0
             if not torch.isfinite(loss_sum):
                 raise _diverged(output, epoch, step, last_saved_epoch, dist)
             train_time = time.perf_counter() - epoch_start
-            stats = torch.tensor([loss_sum.item(), correct.item(), float(seen + seen_before), float(seen)],
-                                 dtype=torch.float64, device=device)
+            stats = torch.tensor(
+                [loss_sum.item(), correct.item(), float(seen + seen_before), float(seen)],
+                dtype=torch.float64,
+                device=device,
+            )
             if dist.enabled:
                 import torch.distributed as tdist
 
                 tdist.all_reduce(stats)
-            record: dict[str, Any] = {"epoch": epoch + 1, "epochs": config.epochs,
-                                      "train_loss": stats[0].item() / max(stats[2].item(), 1),
-                                      "train_acc": stats[1].item() / max(stats[2].item(), 1),
-                                      "lr": optimizer.param_groups[0]["lr"],
-                                      "images_per_s": stats[3].item() / max(train_time, 1e-9)}
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "epochs": config.epochs,
+                "train_loss": stats[0].item() / max(stats[2].item(), 1),
+                "train_acc": stats[1].item() / max(stats[2].item(), 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": stats[3].item() / max(train_time, 1e-9),
+            }
             if val_loader is not None:
-                val_loss, val_acc = _validate(eval_model(), val_loader, config, len(val.classes), amp_dtype, device, dist)
+                val_loss, val_acc = _validate(
+                    eval_model(), val_loader, config, len(val.classes), amp_dtype, device, dist
+                )
                 record.update({"val_loss": val_loss, "val_acc": val_acc})
                 if not math.isfinite(val_loss):
                     raise _diverged(output, epoch, step, last_saved_epoch, dist, what="validation loss")
                 if best["val_loss"] is None or val_loss < best["val_loss"]:
-                    best.update(val_loss=val_loss, epoch=epoch + 1,
-                                state={k: v.detach().cpu().clone() for k, v in eval_model().state_dict().items()})
+                    best.update(
+                        val_loss=val_loss,
+                        epoch=epoch + 1,
+                        state={k: v.detach().cpu().clone() for k, v in eval_model().state_dict().items()},
+                    )
                     bad_epochs = 0
                 else:
                     bad_epochs += 1
@@ -841,8 +957,9 @@ def _batch_targets(cols: dict[str, torch.Tensor], target: str, num_classes: int)
     return torch.where((labels >= 0), origin * num_classes + labels, torch.full_like(labels, -1))
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None, config: TrainConfig,
-          hard_weight: float) -> torch.Tensor:
+def _loss(
+    logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None, config: TrainConfig, hard_weight: float
+) -> torch.Tensor:
     if teacher is None:
         return hard_loss(logits, y, config.label_smoothing)
     loss = config.alpha * soft_loss(config.soft, logits, teacher.float(), config.temperature)
@@ -854,8 +971,15 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None, c
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, loader: BatchLoader, config: TrainConfig, num_classes: int,
-              amp_dtype: torch.dtype | None, device: torch.device, dist: Dist) -> tuple[float, float]:
+def _validate(
+    model: nn.Module,
+    loader: BatchLoader,
+    config: TrainConfig,
+    num_classes: int,
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+    dist: Dist,
+) -> tuple[float, float]:
     was_training = model.training
     model.eval()
     columns = needed_columns(config.target)
@@ -880,13 +1004,15 @@ def _validate(model: nn.Module, loader: BatchLoader, config: TrainConfig, num_cl
     return totals[0].item() / n, totals[1].item() / n
 
 
-def _diverged(output: Path, epoch: int, step: int, last_saved: int | None, dist: Dist,
-              what: str = "loss") -> TrainingDiverged:
+def _diverged(
+    output: Path, epoch: int, step: int, last_saved: int | None, dist: Dist, what: str = "loss"
+) -> TrainingDiverged:
     _finish_dist(dist)
-    kept = (f"{output} keeps the last good weights (epoch {last_saved})" if last_saved
-            else "no checkpoint was written")
-    return TrainingDiverged(f"{what} became NaN/inf in epoch {epoch + 1} at step {step}; stopped, {kept}",
-                            "lower --lr, check the data, or try --precision fp32")
+    kept = f"{output} keeps the last good weights (epoch {last_saved})" if last_saved else "no checkpoint was written"
+    return TrainingDiverged(
+        f"{what} became NaN/inf in epoch {epoch + 1} at step {step}; stopped, {kept}",
+        "lower --lr, check the data, or try --precision fp32",
+    )
 
 
 def _finish_dist(dist: Dist) -> None:
@@ -904,8 +1030,10 @@ def _load_resume(path: Path, config: TrainConfig) -> tuple[dict, dict]:
     raw = _torch_load(path, "cpu")
     state = raw.get("resume") if isinstance(raw, Mapping) else None
     if not isinstance(state, Mapping) or "model" not in state:
-        raise BadCheckpointError(f"{path}: checkpoint holds no training state to resume",
-                                 "it was not written by `fakecifar train`; start a new run from scratch")
+        raise BadCheckpointError(
+            f"{path}: checkpoint holds no training state to resume",
+            "it was not written by `fakecifar train`; start a new run from scratch",
+        )
     return meta, dict(state)
 
 
@@ -917,8 +1045,11 @@ def stored_run(path: str | os.PathLike) -> tuple[dict[str, Any], list[str], list
     args = train_meta.get("args") or {}
     data = train_meta.get("data") or []
     val = train_meta.get("val") or []
-    return (dict(args) if isinstance(args, Mapping) else {}, [str(p) for p in data if isinstance(p, str)],
-            [str(p) for p in val if isinstance(p, str)])
+    return (
+        dict(args) if isinstance(args, Mapping) else {},
+        [str(p) for p in data if isinstance(p, str)],
+        [str(p) for p in val if isinstance(p, str)],
+    )
 
 
 def model_table() -> list[list[str]]:

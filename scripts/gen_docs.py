@@ -67,11 +67,16 @@ def man_page(name: str, command, synopsis: str, see_also: list[str]) -> str:
     title = name.upper()
     help_text = (command.help or "").strip()
     summary = first_sentence(help_text)
-    out = [f'.TH "{title}" "1" "" "fakecifar {__version__}" "fakecifar manual"',
-           ".SH NAME", f"{name} \\- {roff(summary)}",
-           ".SH SYNOPSIS", f".B {synopsis.split(' ', 1)[0]}",
-           roff(synopsis.split(" ", 1)[1]) if " " in synopsis else "",
-           ".SH DESCRIPTION", description(help_text)]
+    out = [
+        f'.TH "{title}" "1" "" "fakecifar {__version__}" "fakecifar manual"',
+        ".SH NAME",
+        f"{name} \\- {roff(summary)}",
+        ".SH SYNOPSIS",
+        f".B {synopsis.split(' ', 1)[0]}",
+        roff(synopsis.split(" ", 1)[1]) if " " in synopsis else "",
+        ".SH DESCRIPTION",
+        description(help_text),
+    ]
     ctx = Context(command, info_name=name)
     params = [p for p in command.params if p.name not in ("install_completion", "show_completion")]
     args = [p for p in params if p.param_type_name == "argument"]
@@ -91,9 +96,14 @@ def man_page(name: str, command, synopsis: str, see_also: list[str]) -> str:
         out.append(".SH COMMANDS")
         for sub_name, sub in command.commands.items():
             out += [".TP", f".B {sub_name}", roff(first_sentence(sub.help or ""))]
-    out += [".SH EXIT STATUS", "0 success; 1 runtime failure; 2 bad usage or bad input.",
-            ".SH ENVIRONMENT", "FAKECIFAR_DEBUG=1 shows tracebacks; NO_COLOR disables colour.",
-            ".SH SEE ALSO", ", ".join(f"\\fB{s}\\fR(1)" for s in see_also)]
+    out += [
+        ".SH EXIT STATUS",
+        "0 success; 1 runtime failure; 2 bad usage or bad input.",
+        ".SH ENVIRONMENT",
+        "FAKECIFAR_DEBUG=1 shows tracebacks; NO_COLOR disables colour.",
+        ".SH SEE ALSO",
+        ", ".join(f"\\fB{s}\\fR(1)" for s in see_also),
+    ]
     return "\n".join(line for line in out if line is not None) + "\n"
 
 
@@ -102,17 +112,23 @@ def generate() -> dict[Path, str]:
     assert isinstance(root, TyperGroup)  # an app with several commands
     names = sorted(root.commands)
     files: dict[Path, str] = {
-        ROOT / "man" / "fakecifar.1": man_page("fakecifar", root, "fakecifar [OPTIONS] COMMAND [ARGS]...",
-                                               [f"fakecifar-{n}" for n in names])}
+        ROOT / "man" / "fakecifar.1": man_page(
+            "fakecifar", root, "fakecifar [OPTIONS] COMMAND [ARGS]...", [f"fakecifar-{n}" for n in names]
+        )
+    }
     for name in names:
         cmd = root.commands[name]
         files[ROOT / "man" / f"fakecifar-{name}.1"] = man_page(
-            f"fakecifar-{name}", cmd, f"fakecifar {name} [OPTIONS] " + " ".join(
-                f"[{p.name.upper()}]..." for p in cmd.params if p.param_type_name == "argument"),
-            ["fakecifar"] + [f"fakecifar-{n}" for n in names if n != name])
+            f"fakecifar-{name}",
+            cmd,
+            f"fakecifar {name} [OPTIONS] "
+            + " ".join(f"[{p.name.upper()}]..." for p in cmd.params if p.param_type_name == "argument"),
+            ["fakecifar"] + [f"fakecifar-{n}" for n in names if n != name],
+        )
     for shell, filename in SHELLS.items():
-        files[ROOT / "completions" / filename] = get_completion_script(
-            prog_name="fakecifar", complete_var="_FAKECIFAR_COMPLETE", shell=shell) + "\n"
+        files[ROOT / "completions" / filename] = (
+            get_completion_script(prog_name="fakecifar", complete_var="_FAKECIFAR_COMPLETE", shell=shell) + "\n"
+        )
     return files
 
 

@@ -46,8 +46,18 @@ def make_shard(tmp_path):
     from fakecifar.manifest import describe_directory
     from fakecifar.shards import ShardWriter, pixel_sha256
 
-    def make(name="shard.h5", n=12, size=(8, 8), classes=CLASSES3, seed=0, images=None, labels=None,
-             directory=None, manifest=True, **columns) -> Path:
+    def make(
+        name="shard.h5",
+        n=12,
+        size=(8, 8),
+        classes=CLASSES3,
+        seed=0,
+        images=None,
+        labels=None,
+        directory=None,
+        manifest=True,
+        **columns,
+    ) -> Path:
         path = Path(directory or tmp_path) / name
         images = random_images(n, size, seed) if images is None else images
         labels = np.arange(len(images)) % max(1, len(classes)) if labels is None else labels
@@ -89,8 +99,9 @@ def tmpfs_dir(tmp_path):
         if shutil.which("mount") is None:
             pytest.skip("cannot mount a small filesystem: no `mount` command")
         options = f"size={size}" + (",ro" if readonly else "")
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             reason = (proc.stderr or proc.stdout).strip() or f"exit {proc.returncode}"
             pytest.skip(f"cannot mount a {size} tmpfs (needs root or CAP_SYS_ADMIN): {reason}")
@@ -127,7 +138,7 @@ def fill_disk():
         with open(path, "ab", buffering=0) as fh:  # unbuffered: nothing left to fail on close
             try:
                 while want > 0:
-                    want -= fh.write(block[:min(want, len(block))])
+                    want -= fh.write(block[: min(want, len(block))])
                 while leave == 0:  # to the last byte
                     fh.write(b"\0" * page)
             except OSError as exc:

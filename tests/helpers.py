@@ -22,7 +22,8 @@ CLASSES3 = ["cat", "dog", "frog"]
 
 needs_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "cifar10-train-jpg.tar.gz").exists(),
-    reason=f"real data not found at {SHARED_DATA} (only beside the project's development checkout)")
+    reason=f"real data not found at {SHARED_DATA} (only beside the project's development checkout)",
+)
 
 
 @dataclass
@@ -50,9 +51,11 @@ class FreshRun(Result):
 def cli_in_fresh_process(*args) -> FreshRun:
     """Run `fakecifar ARGS...` in a new interpreter and report which heavy modules it imported:
     the light paths (--help, detect/eval on .onnx) must not pay for torch."""
-    code = ("import json, sys\nfrom fakecifar.cli.app import main\n"
-            f"try:\n    main({[str(a) for a in args]!r})\nexcept SystemExit as e:\n    code = e.code\n"
-            f"print(json.dumps([code, [m for m in {HEAVY_MODULES!r} if m in sys.modules]]), file=sys.stderr)")
+    code = (
+        "import json, sys\nfrom fakecifar.cli.app import main\n"
+        f"try:\n    main({[str(a) for a in args]!r})\nexcept SystemExit as e:\n    code = e.code\n"
+        f"print(json.dumps([code, [m for m in {HEAVY_MODULES!r} if m in sys.modules]]), file=sys.stderr)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     *messages, report = proc.stderr.splitlines() or [""]
     try:

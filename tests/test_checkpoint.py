@@ -47,12 +47,14 @@ def calibrated(name: str, num_classes: int, seed: int = 0, **kwargs: object) -> 
     return model.eval()
 
 
-def normalized(x: torch.Tensor, mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]) -> torch.Tensor:
+def normalized(
+    x: torch.Tensor, mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]
+) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def save(path: Path, model: nn.Module, arch: str = "resnet20", **kw: object) -> Path:
-    args = dict(arch=arch, classes=CLASSES, mean=MEAN, std=STD, input_size=32)
+    args = {"arch": arch, "classes": CLASSES, "mean": MEAN, "std": STD, "input_size": 32}
     args.update(kw)
     return save_checkpoint(path, model, **args)  # type: ignore[arg-type]
 
@@ -278,8 +280,14 @@ def test_pretrained_file_refused_as_the_wrong_depth() -> None:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, dict, Path]:
     model = calibrated("resnet20", 3, seed=1)
-    meta = {"arch": "resnet20", "classes": CLASSES, "mean": MEAN, "std": STD, "input_size": 32,
-            "train": {"val_acc": 0.75}}
+    meta = {
+        "arch": "resnet20",
+        "classes": CLASSES,
+        "mean": MEAN,
+        "std": STD,
+        "input_size": 32,
+        "train": {"val_acc": 0.75},
+    }
     path = export_onnx(model, meta, tmp_path_factory.mktemp("onnx") / "m.onnx")
     return model, meta, path
 
@@ -346,7 +354,8 @@ def test_foreign_or_broken_onnx_is_refused(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["image"], ["logits"])], "plain",
+        [helper.make_node("Identity", ["image"], ["logits"])],
+        "plain",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
     )
@@ -415,6 +424,7 @@ def test_torch_write_failures_are_typed(tmp_path: Path, monkeypatch: pytest.Monk
         def fake_save(obj, fh, *args, **kwargs):
             fh.write(b"PK\3\4 half a zip")
             raise RuntimeError(message)
+
         return fake_save
 
     class Statvfs:
@@ -446,6 +456,7 @@ def test_injected_enospc_and_eacces_on_save(tmp_path: Path, monkeypatch: pytest.
     path = save(tmp_path / "m.pt", build_model("lenet5", 3), arch="lenet5")
     before = path.read_bytes()
     for code, kind in ((errno.ENOSPC, NoSpaceError), (errno.EDQUOT, NoSpaceError), (errno.EACCES, OutputError)):
+
         def fake_fsync(fd: int, code: int = code) -> None:
             raise OSError(code, os.strerror(code))
 
@@ -482,8 +493,9 @@ def test_a_signal_inside_torch_save_is_raised_as_itself(tmp_path: Path, monkeypa
 
     import fakecifar.outputs as writes
 
-    monkeypatch.setattr(writes, "open", lambda f, mode="r", *a, **k: Interrupted(real_open(f, mode, *a, **k)),
-                        raising=False)
+    monkeypatch.setattr(
+        writes, "open", lambda f, mode="r", *a, **k: Interrupted(real_open(f, mode, *a, **k)), raising=False
+    )
     with pytest.raises(Terminated):
         save(path, build_model("lenet5", 3), arch="lenet5")
     _keeps(path, before)

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from helpers import REPO, cli_in_fresh_process
-
 from fakecifar.cli.app import COMMANDS  # noqa: E402 - every registered command
+
+from helpers import REPO, cli_in_fresh_process
 
 
 @pytest.mark.parametrize("args", [["--help"]] + [[c, "--help"] for c in COMMANDS])
@@ -51,8 +51,10 @@ def test_internal_errors_are_one_line_and_debug_shows_the_traceback(cli, make_sh
     path = make_shard()
     plain = cli("stats", path)
     assert plain.exit_code == 1
-    assert plain.stderr.strip() == ("fakecifar stats: error: internal error: RuntimeError: kaboom "
-                                    "(rerun with --debug for the traceback and report it)")
+    assert plain.stderr.strip() == (
+        "fakecifar stats: error: internal error: RuntimeError: kaboom "
+        "(rerun with --debug for the traceback and report it)"
+    )
     debug = cli("--debug", "stats", path)
     assert debug.exit_code == 1 and "Traceback" in debug.stderr and "kaboom" in debug.stderr
 
@@ -67,9 +69,12 @@ def test_quiet_silences_messages_but_not_data(cli, image_folder, tmp_path):
 def test_progress_goes_to_stderr_only_on_a_terminal(image_folder, tmp_path):
     """With stderr on a pty a progress display appears there; stdout still carries only paths."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "fakecifar", "import", str(image_folder), "-o",
-                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=slave,
-                            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "100"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fakecifar", "import", str(image_folder), "-o", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "100"},
+    )
     os.close(slave)
     stdout, _ = proc.communicate(timeout=60)
     chunks = []
@@ -96,11 +101,13 @@ def test_pipe_reads_paths_from_stdin(cli, make_shard, tmp_path):
 
 
 def test_man_pages_and_completions_are_up_to_date():
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_docs.py"), "--check"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gen_docs.py"), "--check"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr + "\nrun `make docs` to regenerate"
-    assert {p.name for p in (REPO / "man").glob("*.1")} == {"fakecifar.1"} | {f"fakecifar-{c}.1" for c in COMMANDS} \
-        or len(list((REPO / "man").glob("*.1"))) > len(COMMANDS)
+    assert {p.name for p in (REPO / "man").glob("*.1")} == {"fakecifar.1"} | {
+        f"fakecifar-{c}.1" for c in COMMANDS
+    } or len(list((REPO / "man").glob("*.1"))) > len(COMMANDS)
     assert "complete" in (REPO / "completions" / "fakecifar.bash").read_text()
 
 

@@ -27,8 +27,12 @@ def model_and_data(tmp_path_factory):
     with ShardWriter(root / "d.h5", classes=CLASSES3, image_size=(8, 8), producer="test") as w:
         w.add_batch(images, labels)
     pt = root / "m.pt"
-    train(open_shards([root / "d.h5"]), pt, make_config(model="resnet20", epochs=1, batch_size=12, precision="fp32"),
-          onnx=True)
+    train(
+        open_shards([root / "d.h5"]),
+        pt,
+        make_config(model="resnet20", epochs=1, batch_size=12, precision="fp32"),
+        onnx=True,
+    )
     return pt, root / "d.h5"
 
 
@@ -75,8 +79,11 @@ def test_heatmap_of_twenty_classes(tmp_path):
 
     from fakecifar.metrics import confusion_heatmap
 
-    classes = [f"{o}/{c}" for o in ("real", "fake") for c in
-               ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]
+    classes = [
+        f"{o}/{c}"
+        for o in ("real", "fake")
+        for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    ]
     cm = np.random.default_rng(0).integers(0, 50, (20, 20)) + np.eye(20, dtype=int) * 400
     path = confusion_heatmap(cm, classes, tmp_path / "big.png", title="twenty")
     img = Image.open(path)

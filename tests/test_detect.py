@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import cli_in_fresh_process, random_images, write_image
 from fakecifar.detect import DEFAULT_MODEL
+
+from helpers import cli_in_fresh_process, random_images, write_image
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +24,14 @@ def tiny_models(tmp_path_factory):
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
-    meta = dict(arch="lenet5", arch_kwargs={}, classes=["real", "fake"], mean=[0.5] * 3, std=[0.25] * 3,
-                input_size=[32, 32])
+    meta = {
+        "arch": "lenet5",
+        "arch_kwargs": {},
+        "classes": ["real", "fake"],
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "input_size": [32, 32],
+    }
     model = build_model("lenet5", 2).eval()
     export_onnx(model, meta, root / "det.onnx")
     save_checkpoint(root / "det.pt", model, **meta)

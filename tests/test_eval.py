@@ -94,8 +94,11 @@ def test_cross_table_of_models_and_datasets(cli, trained):
     assert pt_cells == onnx_cells  # same predictions on both runtimes
     js = cli("eval", trained["pt"], trained["onnx"], "--on", trained["a"], "--on", trained["b"], "--json").json_lines()
     assert [(j["runtime"], j["dataset"]) for j in js] == [
-        ("torch", str(trained["a"])), ("torch", str(trained["b"])),
-        ("onnxruntime", str(trained["a"])), ("onnxruntime", str(trained["b"]))]
+        ("torch", str(trained["a"])),
+        ("torch", str(trained["b"])),
+        ("onnxruntime", str(trained["a"])),
+        ("onnxruntime", str(trained["b"])),
+    ]
 
 
 def test_onnx_eval_runs_without_torch_and_agrees(trained):
@@ -178,7 +181,14 @@ def test_class_mismatch_is_explained_or_mapped(cli, trained, make_shard, tmp_pat
     other = make_shard("reordered.h5", images=images, labels=perm[labels], classes=order)
     r = cli("eval", trained["pt"], "--on", other)
     assert r.exit_code == 2
-    one_error_line(r, "m.pt", "reordered.h5", "['cat', 'dog', 'frog'] (3 classes)", "['dog', 'cat', 'frog'] (3 classes)", "--map-classes")
+    one_error_line(
+        r,
+        "m.pt",
+        "reordered.h5",
+        "['cat', 'dog', 'frog'] (3 classes)",
+        "['dog', 'cat', 'frog'] (3 classes)",
+        "--map-classes",
+    )
     mapped = cli("eval", trained["pt"], "--on", other, "--map-classes", "--json").json_lines()[0]
     plain = cli("eval", trained["pt"], "--on", trained["a"], "--json").json_lines()[0]
     assert mapped["top1"] == plain["top1"]
@@ -190,8 +200,9 @@ def test_class_mismatch_is_explained_or_mapped(cli, trained, make_shard, tmp_pat
 
 
 def test_pgd_l2_robust_accuracy(cli, trained):
-    r = cli("eval", trained["pt"], "--on", trained["b"], "--attack", "pgd-l2", "--eps", "0,0.5,8", "--steps", "5",
-            "--json")
+    r = cli(
+        "eval", trained["pt"], "--on", trained["b"], "--attack", "pgd-l2", "--eps", "0,0.5,8", "--steps", "5", "--json"
+    )
     assert r.exit_code == 0, r.stderr
     js = r.json_lines()[0]
     robust = js["robust"]

@@ -10,8 +10,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from helpers import CLASSES3, one_error_line, random_images, write_image
 from fakecifar.shards import open_shards
+
+from helpers import CLASSES3, one_error_line, random_images, write_image
 
 
 def _err(result, *needles):
@@ -28,6 +29,7 @@ def test_image_folder_becomes_shards_with_exact_pixels(cli, image_folder, tmp_pa
     sources = data.read("source")
     images, labels = data.read("images"), data.read("labels")
     from PIL import Image
+
     for img, label, src in zip(images, labels, sources):
         assert np.array_equal(img, np.asarray(Image.open(src).convert("RGB")))
         assert CLASSES3[label] == os.path.basename(os.path.dirname(src))
@@ -54,8 +56,11 @@ def test_cifake_layout_in_a_tar_gz(cli, tmp_path):
 
 def cifar_batch(n=6, side=8, labels_key=b"labels"):
     rng = np.random.default_rng(0)
-    return {b"data": rng.integers(0, 256, (n, 3 * side * side), dtype=np.uint8),
-            labels_key: [i % 3 for i in range(n)], b"batch_label": b"test"}
+    return {
+        b"data": rng.integers(0, 256, (n, 3 * side * side), dtype=np.uint8),
+        labels_key: [i % 3 for i in range(n)],
+        b"batch_label": b"test",
+    }
 
 
 def test_cifar_python_batches_with_meta(cli, tmp_path):

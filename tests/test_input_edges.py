@@ -42,11 +42,16 @@ def float_tiff(path: Path, bad: float) -> Path:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height (1-bit gray) in its header: all a bomb needs."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 # ----------------------------------------------------------------------------- stdin
@@ -67,12 +72,15 @@ def test_binary_stdin_is_neither_an_image_nor_a_list_of_paths(cli, image):
 
 def test_binary_stdin_through_a_real_pipe():
     """`head -c 100 /dev/urandom | fakecifar detect -`, with the process's own stdin."""
-    proc = subprocess.run([sys.executable, "-m", "fakecifar", "detect", "-"], input=JUNK, capture_output=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fakecifar", "detect", "-"], input=JUNK, capture_output=True, timeout=60
+    )
     assert proc.returncode == 2 and proc.stdout == b""
-    assert proc.stderr.decode() == ("fakecifar detect: error: stdin is neither an image nor a list of paths "
-                                    "(pipe an image or UTF-8 text, one path a line, or give the inputs as "
-                                    "arguments)\n")
+    assert proc.stderr.decode() == (
+        "fakecifar detect: error: stdin is neither an image nor a list of paths "
+        "(pipe an image or UTF-8 text, one path a line, or give the inputs as "
+        "arguments)\n"
+    )
 
 
 def test_empty_folder_or_stdin_says_no_image_was_given(cli, tmp_path):
@@ -182,8 +190,12 @@ def test_a_class_mismatch_lists_both_class_lists(cli, make_shard, tmp_path):
     b = make_shard("b.h5", classes=CLASSES3)
     r = cli("split", a, b, "-o", tmp_path / "out")
     assert r.exit_code == 2 and r.stdout == ""
-    one_error_line(r, "b.h5: classes ['cat', 'dog', 'frog'] (3 classes) differ from",
-                   "['airplane', 'automobile', 'bird', 'cat', ..., 'truck'] (10 classes)", command="split")
+    one_error_line(
+        r,
+        "b.h5: classes ['cat', 'dog', 'frog'] (3 classes) differ from",
+        "['airplane', 'automobile', 'bird', 'cat', ..., 'truck'] (10 classes)",
+        command="split",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -194,13 +206,17 @@ def test_one_pixel_limit_quoted_one_way(tmp_path):
     from fakecifar.images import MAX_PIXELS, decode_image
 
     assert MAX_PIXELS == 24_000_000
-    cases = {(6000, 4500): "4500x6000 = 27,000,000 pixels", (10000, 10000): "10000x10000 = 100,000,000 pixels",
-             (20000, 10000): "200,000,000 pixels"}
+    cases = {
+        (6000, 4500): "4500x6000 = 27,000,000 pixels",
+        (10000, 10000): "10000x10000 = 100,000,000 pixels",
+        (20000, 10000): "200,000,000 pixels",
+    }
     for (width, height), what in cases.items():
         with pytest.raises(BadImageError) as info:
             decode_image(png_header(width, height), "big.png")
-        assert str(info.value) == (f"big.png: {what}, over the 24,000,000-pixel limit "
-                                   "(refusing a possible decompression bomb)")
+        assert str(info.value) == (
+            f"big.png: {what}, over the 24,000,000-pixel limit (refusing a possible decompression bomb)"
+        )
 
 
 # ----------------------------------------------------------------------------- not a model file
@@ -211,8 +227,13 @@ def non_models(tmp_path, make_shard, image) -> dict[str, Path]:
     """Files that are not models, each with a model's name, and what they are."""
     root = tmp_path / "models"
     root.mkdir()
-    files = {"text": root / "notes.pt", "random": root / "random.pt", "shard": root / "shard.pt",
-             "image": root / "picture.th", "empty": root / "empty.pt"}
+    files = {
+        "text": root / "notes.pt",
+        "random": root / "random.pt",
+        "shard": root / "shard.pt",
+        "image": root / "picture.th",
+        "empty": root / "empty.pt",
+    }
     files["text"].write_text("epoch 3: loss 0.41\n")
     files["random"].write_bytes(JUNK * 20)
     shutil.copy(make_shard("s.h5", directory=tmp_path), files["shard"])
@@ -221,17 +242,24 @@ def non_models(tmp_path, make_shard, image) -> dict[str, Path]:
     return files
 
 
-KINDS = {"text": "it is text", "random": "neither the zip nor the pickle stream", "shard": "an HDF5 file",
-         "image": "it is an image", "empty": "an empty file"}
+KINDS = {
+    "text": "it is text",
+    "random": "neither the zip nor the pickle stream",
+    "shard": "an HDF5 file",
+    "image": "it is an image",
+    "empty": "an empty file",
+}
 
 
 def test_a_file_that_is_not_a_model_says_so(cli, non_models, make_shard, image, tmp_path):
     data = make_shard("data.h5", directory=tmp_path / "data", size=(32, 32))
     for kind, path in non_models.items():
         before = path.read_bytes()
-        runs = {"detect": cli("detect", "--model", path, image),
-                "eval": cli("eval", path, "--on", data),
-                "train": cli("train", data, "--resume", path, "-o", tmp_path / "out.pt", "--epochs", "1")}
+        runs = {
+            "detect": cli("detect", "--model", path, image),
+            "eval": cli("eval", path, "--on", data),
+            "train": cli("train", data, "--resume", path, "-o", tmp_path / "out.pt", "--epochs", "1"),
+        }
         for command, r in runs.items():
             assert r.exit_code == 2 and r.stdout == "", (kind, command, r.stderr)
             one_error_line(r, f"{path}: not a model file", KINDS[kind], command=command, last=command == "train")

@@ -32,8 +32,9 @@ def collect(loader):
 @pytest.mark.parametrize("memory_limit", [1 << 30, 0], ids=["in-memory", "streaming"])
 def test_every_image_once_per_epoch_normalized(dataset, memory_limit):
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    loader = BatchLoader(dataset, batch_size=64, shuffle=True, seed=7, mean=mean, std=std,
-                         memory_limit=memory_limit, shuffle_buffer=128)
+    loader = BatchLoader(
+        dataset, batch_size=64, shuffle=True, seed=7, mean=mean, std=std, memory_limit=memory_limit, shuffle_buffer=128
+    )
     assert loader.in_memory == bool(memory_limit)
     x, y = collect(loader)
     assert x.shape == (377, 3, 8, 8) and x.dtype == torch.float32
@@ -54,8 +55,9 @@ def test_unshuffled_order_and_drop_last(dataset):
 
 
 def test_ranks_get_disjoint_equal_slices(dataset):
-    parts = [collect(BatchLoader(dataset, batch_size=50, shuffle=True, seed=1, rank=r, world_size=2))[0]
-             for r in range(2)]
+    parts = [
+        collect(BatchLoader(dataset, batch_size=50, shuffle=True, seed=1, rank=r, world_size=2))[0] for r in range(2)
+    ]
     assert parts[0].shape[0] == parts[1].shape[0] == 188
     assert not set(rows(parts[0])) & set(rows(parts[1]))
 

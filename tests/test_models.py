@@ -12,8 +12,22 @@ from fakecifar.errors import UsageError
 from fakecifar.models import MODELS, ModelSpec, build_model, count_params, list_models, reparameterize
 
 REQUIRED = [
-    "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg8", "vgg11", "vgg16",
-    "repvgg-a0", "repvgg-a2", "mobilenetv2", "resnet18", "wrn-16-1", "wrn-16-2", "wrn-40-2", "lenet5",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "vgg8",
+    "vgg11",
+    "vgg16",
+    "repvgg-a0",
+    "repvgg-a2",
+    "mobilenetv2",
+    "resnet18",
+    "wrn-16-1",
+    "wrn-16-2",
+    "wrn-40-2",
+    "lenet5",
 ]
 
 

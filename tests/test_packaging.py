@@ -38,8 +38,15 @@ def expected_files() -> set[str]:
 
 
 def run(*cmd, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -54,8 +61,21 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     out = tmp / "dist"
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-        "-w", out, src, cwd=tmp, env=_env())
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        out,
+        src,
+        cwd=tmp,
+        env=_env(),
+    )
     (found,) = out.glob("fakecifar-*.whl")
     return found
 
@@ -69,8 +89,10 @@ def _env() -> dict[str, str]:
 def test_wheel_holds_every_module_and_data_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(expected_files() - names)
-    assert not missing, (f"the wheel leaves out {len(missing)} file(s) of the source tree, e.g. {missing[:5]}: "
-                         "check package discovery and package-data in pyproject.toml")
+    assert not missing, (
+        f"the wheel leaves out {len(missing)} file(s) of the source tree, e.g. {missing[:5]}: "
+        "check package discovery and package-data in pyproject.toml"
+    )
     stray = sorted(n for n in names if not n.startswith(("fakecifar/", "fakecifar-")))
     assert not stray, f"the wheel ships files outside the package: {stray[:5]}"
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
@@ -85,17 +107,25 @@ def test_installed_wheel_runs_from_outside_the_checkout(wheel, tmp_path):
     # Dependencies from the test environment, after the venv's own site-packages (where the
     # wheel goes): the .pth adds the directory only, its own .pth files (the editable install's
     # finder) are not run, so `fakecifar` can only come from the wheel.
-    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                    cwd=tmp_path, env=env).stdout.strip())
+    site = Path(
+        run(
+            python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path, env=env
+        ).stdout.strip()
+    )
     deps = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (site / "zz-test-deps.pth").write_text("".join(f"{p}\n" for p in deps))
     run(python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel, cwd=tmp_path, env=env)
 
     elsewhere = tmp_path / "elsewhere"  # not the checkout: its core/ and cli/ can't be imported
     elsewhere.mkdir()
-    where = run(python, "-c", "import fakecifar, fakecifar.cli.app, fakecifar.samples as s; "
-                "print(fakecifar.__file__); print(s.SAMPLE_REAL); print(s.SAMPLE_FAKE)",
-                cwd=elsewhere, env=env).stdout.split()
+    where = run(
+        python,
+        "-c",
+        "import fakecifar, fakecifar.cli.app, fakecifar.samples as s; "
+        "print(fakecifar.__file__); print(s.SAMPLE_REAL); print(s.SAMPLE_FAKE)",
+        cwd=elsewhere,
+        env=env,
+    ).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where), where
     _, real, fake = where
 
@@ -109,5 +139,6 @@ def test_installed_wheel_runs_from_outside_the_checkout(wheel, tmp_path):
     rows = [line.split("\t") for line in lines]
     assert [(r[0], r[1]) for r in rows] == [(real, "real"), (fake, "fake")], (
         f"{lines} (the shipped samples are images the built-in detector gets right with p < 0.01 "
-        "and p > 0.99; after retraining it, pick others from cifake-sample.tar.gz)")
+        "and p > 0.99; after retraining it, pick others from cifake-sample.tar.gz)"
+    )
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)

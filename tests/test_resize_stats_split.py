@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import CLASSES3, needs_shared_data, random_images, SHARED_DATA
 from fakecifar.shards import Shard, open_shards, pixel_sha256
+
+from helpers import CLASSES3, SHARED_DATA, needs_shared_data, random_images
 
 
 def test_resize_keeps_columns_and_attributes_and_matches_pillow_lanczos(cli, make_shard, tmp_path):
     images = random_images(20, (32, 32))
-    src = make_shard("a.h5", images=images, origin=np.ones(20), prompt=[f"p{i}" for i in range(20)],
-                     manifest=False)
+    src = make_shard("a.h5", images=images, origin=np.ones(20), prompt=[f"p{i}" for i in range(20)], manifest=False)
     with h5py.File(src, "a") as f:
         f.attrs["note"] = "kept"
     result = cli("resize", src, "--size", "16", "-o", tmp_path / "small")
@@ -86,8 +86,11 @@ def test_bad_shards_are_one_line_errors_in_every_reader(cli, tmp_path, make_shar
     fake = tmp_path / "fake.h5"
     fake.write_bytes(b"not hdf5 at all")
     good = make_shard("good.h5", manifest=False)
-    for args in (["stats", fake], ["resize", good, fake, "--size", "4", "-o", tmp_path / "r"],
-                 ["split", fake, "-o", tmp_path / "s"]):
+    for args in (
+        ["stats", fake],
+        ["resize", good, fake, "--size", "4", "-o", tmp_path / "r"],
+        ["split", fake, "-o", tmp_path / "s"],
+    ):
         result = cli(*args)
         assert result.exit_code == 2, args
         lines = result.stderr.strip().splitlines()
@@ -119,8 +122,10 @@ def test_split_is_stratified_seeded_and_disjoint(cli, make_shard, tmp_path):
 
 def test_the_pipe_import_resize_stats_in_a_real_shell(image_folder, tmp_path):
     exe = f"{sys.executable} -m fakecifar"
-    cmd = (f"set -o pipefail; {exe} import {image_folder} -o {tmp_path}/raw --shard-size 5 "
-           f"| {exe} resize --size 4 -o {tmp_path}/small | {exe} stats --json")
+    cmd = (
+        f"set -o pipefail; {exe} import {image_folder} -o {tmp_path}/raw --shard-size 5 "
+        f"| {exe} resize --size 4 -o {tmp_path}/small | {exe} stats --json"
+    )
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)

@@ -15,17 +15,16 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import CLASSES3, random_images
 from fakecifar.errors import BadShardError, IncompatibleShardsError, OutputExistsError, UsageError
-from fakecifar.shards import (FORMAT, Shard, ShardSeriesWriter, ShardWriter, chunk_images,
-                              expand_inputs, open_shards)
+from fakecifar.shards import FORMAT, Shard, ShardSeriesWriter, ShardWriter, chunk_images, expand_inputs, open_shards
+
+from helpers import CLASSES3, random_images
 
 
 def test_round_trip_keeps_pixels_columns_and_attributes(tmp_path):
     images = random_images(300, (8, 8))
     path = tmp_path / "a.h5"
-    with ShardWriter(path, classes=CLASSES3, image_size=(8, 8), producer="test",
-                     provenance=[{"step": "x"}]) as writer:
+    with ShardWriter(path, classes=CLASSES3, image_size=(8, 8), producer="test", provenance=[{"step": "x"}]) as writer:
         writer.add_batch(images[:100], np.zeros(100), origin=np.ones(100), prompt=["p"] * 100)
         writer.add_batch(images[100:], np.ones(200), origin=np.zeros(200), prompt=["q"] * 200)
     assert not (tmp_path / "a.h5.partial").exists()
@@ -46,10 +45,12 @@ def test_writer_refuses_to_clobber_and_discards_on_error(tmp_path, make_shard):
     before = path.read_bytes()
     with pytest.raises(OutputExistsError, match="a.h5"):
         ShardWriter(path, classes=CLASSES3, image_size=(8, 8), producer="t")
-    with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path / "b.h5", classes=CLASSES3, image_size=(8, 8), producer="t") as w:
-            w.add_batch(random_images(5), np.zeros(5))
-            raise RuntimeError("boom")
+    with (
+        pytest.raises(RuntimeError),
+        ShardWriter(tmp_path / "b.h5", classes=CLASSES3, image_size=(8, 8), producer="t") as w,
+    ):
+        w.add_batch(random_images(5), np.zeros(5))
+        raise RuntimeError("boom")
     assert not (tmp_path / "b.h5").exists() and not (tmp_path / "b.h5.partial").exists()
     assert path.read_bytes() == before
 
@@ -65,8 +66,9 @@ def test_writer_rejects_wrong_size_and_inconsistent_columns(tmp_path):
 
 def test_series_writer_rolls_over_and_reports_each_shard(tmp_path):
     done = []
-    with ShardSeriesWriter(tmp_path, shard_size=10, classes=CLASSES3, image_size=(8, 8), producer="t",
-                           on_shard=done.append) as w:
+    with ShardSeriesWriter(
+        tmp_path, shard_size=10, classes=CLASSES3, image_size=(8, 8), producer="t", on_shard=done.append
+    ) as w:
         w.add_batch(random_images(7), np.zeros(7))
         assert done == []
         w.add_batch(random_images(18), np.zeros(18))
@@ -156,7 +158,7 @@ def test_kill_9_during_write_never_leaves_a_half_shard(tmp_path, make_shard):
     script = textwrap.dedent(f"""
         import sys, numpy as np
         from fakecifar.shards import ShardWriter
-        w = ShardWriter({str(tmp_path / 'big.h5')!r}, classes=['a'], image_size=(64, 64), producer='t')
+        w = ShardWriter({str(tmp_path / "big.h5")!r}, classes=['a'], image_size=(64, 64), producer='t')
         w.add_batch(np.zeros((10, 64, 64, 3), np.uint8), np.zeros(10))
         print('writing', flush=True)
         while True:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CLASSES3, one_error_line, random_images
 
 from fakecifar.manifest import MANIFEST, OutputLock, describe_directory, read_manifest
 from fakecifar.samples import CIFAKE_SAMPLE
 from fakecifar.shards import Shard, open_shards
+
+from helpers import CLASSES3, one_error_line, random_images
 
 
 def shard_names(directory: Path) -> list[str]:
@@ -39,10 +40,18 @@ def check_intact(directory: Path) -> int:
 def kill_after_shards(imports: str, call: str, shards: int) -> subprocess.CompletedProcess:
     """Run a producer in a fresh interpreter that SIGKILLs itself once `shards` shards are out:
     a real kill -9 at a known point (no cleanup runs, a half shard may be left)."""
-    code = "\n".join([
-        "import os, signal", imports, "done = []",
-        "def on_shard(path):", "    done.append(path)",
-        f"    if len(done) == {shards}:", "        os.kill(os.getpid(), signal.SIGKILL)", call])
+    code = "\n".join(
+        [
+            "import os, signal",
+            imports,
+            "done = []",
+            "def on_shard(path):",
+            "    done.append(path)",
+            f"    if len(done) == {shards}:",
+            "        os.kill(os.getpid(), signal.SIGKILL)",
+            call,
+        ]
+    )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
@@ -54,8 +63,9 @@ def test_import_on_a_full_disk_is_one_line_exit_1_and_keeps_finished_shards(cli,
     out = disk / "raw"
     result = cli("import", "--sample", "--shard-size", "100", "-o", out)
     assert result.exit_code == 1, result.stderr
-    one_error_line(result, "no space left on device writing", str(out), "(free space or choose another -o)",
-                   command="import")
+    one_error_line(
+        result, "no space left on device writing", str(out), "(free space or choose another -o)", command="import"
+    )
     assert no_partials(disk)
     finished = shard_names(out)
     assert finished and result.lines == [str(out / n) for n in finished]  # announced ones are kept
@@ -144,18 +154,29 @@ def test_read_only_output_mid_run_keeps_what_was_finished(tmpfs_dir):
 
 def test_kill_9_mid_import_then_readers_refuse_and_a_rerun_resumes_exactly(cli, tmp_path):
     out, whole = tmp_path / "raw", tmp_path / "whole"
-    proc = kill_after_shards("from fakecifar.importing import import_sources",
-                             f"import_sources([{str(CIFAKE_SAMPLE)!r}], {str(out)!r}, shard_size=60, dedup=True, "
-                             "on_shard=on_shard)", shards=3)
+    proc = kill_after_shards(
+        "from fakecifar.importing import import_sources",
+        f"import_sources([{str(CIFAKE_SAMPLE)!r}], {str(out)!r}, shard_size=60, dedup=True, on_shard=on_shard)",
+        shards=3,
+    )
     assert proc.returncode == -9, proc.stderr
     assert shard_names(out) == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
-    for args in (["stats", out], ["split", out, "-o", tmp_path / "s"], ["resize", out, "--size", "8", "-o",
-                                                                        tmp_path / "r"]):
+    for args in (
+        ["stats", out],
+        ["split", out, "-o", tmp_path / "s"],
+        ["resize", out, "--size", "8", "-o", tmp_path / "r"],
+    ):
         result = cli(*args)
         assert result.exit_code == 2, result.stderr
-        one_error_line(result, str(out), "incomplete", "stopped after 3 shard(s) (180 images)",
-                       "--allow-incomplete", command=args[0])
+        one_error_line(
+            result,
+            str(out),
+            "incomplete",
+            "stopped after 3 shard(s) (180 images)",
+            "--allow-incomplete",
+            command=args[0],
+        )
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
     anyway = cli("stats", out, "--allow-incomplete", "--json")
     assert anyway.exit_code == 0 and anyway.json_lines()[0]["images"] == 180
@@ -175,14 +196,17 @@ def test_kill_9_mid_import_then_readers_refuse_and_a_rerun_resumes_exactly(cli, 
 
 def test_interrupted_run_with_other_arguments_is_refused(cli, tmp_path):
     out = tmp_path / "raw"
-    proc = kill_after_shards("from fakecifar.importing import import_sources",
-                             f"import_sources([{str(CIFAKE_SAMPLE)!r}], {str(out)!r}, shard_size=100, "
-                             "on_shard=on_shard)", shards=1)
+    proc = kill_after_shards(
+        "from fakecifar.importing import import_sources",
+        f"import_sources([{str(CIFAKE_SAMPLE)!r}], {str(out)!r}, shard_size=100, on_shard=on_shard)",
+        shards=1,
+    )
     assert proc.returncode == -9
     result = cli("import", "--sample", "--shard-size", "50", "-o", out)
     assert result.exit_code == 2
-    one_error_line(result, "holds an interrupted run of", "with other arguments", "rerun that command",
-                   command="import")
+    one_error_line(
+        result, "holds an interrupted run of", "with other arguments", "rerun that command", command="import"
+    )
     assert shard_names(out) == ["shard-00000.h5"] and check_intact(out) == 100
 
 
@@ -196,11 +220,14 @@ def test_kill_9_mid_resize_or_split_then_rerun_resumes(cli, tmp_path, command):
         args = ["--size", "16", "-o", out]
         proc = kill_after_shards("from fakecifar.resize import resize_shards", call, shards=3)
     else:
-        call = (f"split_dataset(open_shards([{str(src)!r}]), {str(out)!r}, fraction=0.25, seed=1, "
-                "shard_size=40, on_shard=on_shard)")
+        call = (
+            f"split_dataset(open_shards([{str(src)!r}]), {str(out)!r}, fraction=0.25, seed=1, "
+            "shard_size=40, on_shard=on_shard)"
+        )
         args = ["--val", "0.25", "--seed", "1", "--shard-size", "40", "-o", out]
-        proc = kill_after_shards("from fakecifar.split import split_dataset\nfrom fakecifar.shards import open_shards", call,
-                                 shards=3)
+        proc = kill_after_shards(
+            "from fakecifar.split import split_dataset\nfrom fakecifar.shards import open_shards", call, shards=3
+        )
     assert proc.returncode == -9, proc.stderr
     result = cli(command, src, *args)
     assert result.exit_code == 0, result.stderr
@@ -222,8 +249,9 @@ def test_a_shard_deleted_between_two_commands_is_named(cli, tmp_path):
     for args in (["stats", out], ["train", out, "-o", tmp_path / "m.pt", "--epochs", "1"]):
         result = cli(*args)
         assert result.exit_code == 2, result.stderr
-        one_error_line(result, "shard-00002.h5 is listed in manifest.json but missing", "--allow-incomplete",
-                       command=args[0])
+        one_error_line(
+            result, "shard-00002.h5 is listed in manifest.json but missing", "--allow-incomplete", command=args[0]
+        )
     assert not (tmp_path / "m.pt").exists()
     assert cli("stats", out, "--allow-incomplete").exit_code == 0
     # A shard changed or added behind the producer's back is caught too.
@@ -271,13 +299,22 @@ def test_a_second_producer_on_the_same_output_exits_at_once(cli, tmp_path, comma
     out.mkdir()
     lock_dir = out / "train" if command == "split" else out
     lock_dir.mkdir(exist_ok=True)
-    args = {"import": ["import", "--sample", "-o", out], "resize": ["resize", src, "--size", "8", "-o", out],
-            "split": ["split", src, "-o", out]}[command]
+    args = {
+        "import": ["import", "--sample", "-o", out],
+        "resize": ["resize", src, "--size", "8", "-o", out],
+        "split": ["split", src, "-o", out],
+    }[command]
     with OutputLock(lock_dir, command="fakecifar import elsewhere"):
         result = cli(*args)
     assert result.exit_code == 1, result.stderr
-    one_error_line(result, "is being written by pid", str(os.getpid()), "fakecifar import elsewhere",
-                   ".fakecifar.lock", command=command)
+    one_error_line(
+        result,
+        "is being written by pid",
+        str(os.getpid()),
+        "fakecifar import elsewhere",
+        ".fakecifar.lock",
+        command=command,
+    )
     assert shard_names(lock_dir) == []
 
 
@@ -303,13 +340,20 @@ def test_too_long_output_name_is_a_usage_error_before_any_work(cli, tmp_path):
 def test_sigterm_mid_import_exits_143_cleanly_and_the_rerun_resumes(cli, tmp_path):
     """SIGTERM (timeout, Slurm, docker stop) arrives while the third shard is being written."""
     out = tmp_path / "raw"
-    code = "\n".join([
-        "import os, signal", "from fakecifar import shards", "from fakecifar.cli.app import main",
-        "real = shards.ShardSeriesWriter._finish",
-        "def finish(self):", "    real(self)",
-        "    if len(self.written) == 2:", "        os.kill(os.getpid(), signal.SIGTERM)",
-        "shards.ShardSeriesWriter._finish = finish",
-        f"main(['import', '--sample', '--shard-size', '60', '-o', {str(out)!r}])"])
+    code = "\n".join(
+        [
+            "import os, signal",
+            "from fakecifar import shards",
+            "from fakecifar.cli.app import main",
+            "real = shards.ShardSeriesWriter._finish",
+            "def finish(self):",
+            "    real(self)",
+            "    if len(self.written) == 2:",
+            "        os.kill(os.getpid(), signal.SIGTERM)",
+            "shards.ShardSeriesWriter._finish = finish",
+            f"main(['import', '--sample', '--shard-size', '60', '-o', {str(out)!r}])",
+        ]
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "fakecifar import: error: terminated (SIGTERM)"

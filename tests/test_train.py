@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+
 from helpers import CLASSES3, cli_in_fresh_process, random_images
 from helpers import one_error_line as _one_error_line
 
@@ -70,7 +71,9 @@ def test_train_writes_pt_and_onnx_and_logs(cli, data, tmp_path):
     images = open_shards([data]).read("images")
     x01 = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
     onnx_logits = OnnxClassifier(tmp_path / "m.onnx").predict_logits(x01)
-    norm = (torch.from_numpy(x01) - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    norm = (torch.from_numpy(x01) - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         torch_logits = model(norm).numpy()
     assert np.allclose(onnx_logits, torch_logits, atol=1e-4)
@@ -270,8 +273,15 @@ def test_resume_needs_training_state(cli, data, tmp_path):
     from fakecifar.models import build_model
 
     bare = tmp_path / "bare.pt"
-    save_checkpoint(bare, build_model("resnet20", 3), arch="resnet20", classes=CLASSES3, mean=[0.5] * 3,
-                    std=[0.25] * 3, input_size=8)
+    save_checkpoint(
+        bare,
+        build_model("resnet20", 3),
+        arch="resnet20",
+        classes=CLASSES3,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        input_size=8,
+    )
     r = cli("train", data, "--resume", bare, "--model", "resnet20", "--epochs", "2")
     assert r.exit_code == 2
     one_error_line(r, "bare.pt", "no training state")
@@ -313,8 +323,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, data, tmp_path, 
 
     monkeypatch.setattr(tr, "hard_loss", poisoned)
     out = tmp_path / "m.pt"
-    r = cli("train", data, "--model", "resnet20", "--batch-size", "12", "--precision", "fp32", "--epochs", "5",
-            "-o", out)  # 2 steps per epoch: NaN in epoch 2
+    r = cli(
+        "train", data, "--model", "resnet20", "--batch-size", "12", "--precision", "fp32", "--epochs", "5", "-o", out
+    )  # 2 steps per epoch: NaN in epoch 2
     assert r.exit_code == 1
     one_error_line(r, "NaN", "epoch 2", str(out), "epoch 1")
     _, meta = _state(out)
@@ -325,9 +336,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, data, tmp_path, 
 def test_ctrl_c_saves_state_and_resume_continues(cli, data, tmp_path):
     out = tmp_path / "m.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fakecifar", "train", str(data), *FAST, "--batch-size", "4",
-                             "--epochs", "1000", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fakecifar",
+            "train",
+            str(data),
+            *FAST,
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1000",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -358,8 +386,13 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run([*torchrun, "-m", "fakecifar", "train", str(data), *FAST, "--epochs", "2", "-o", str(out)],
-                          capture_output=True, text=True, env=env, timeout=180)
+    proc = subprocess.run(
+        [*torchrun, "-m", "fakecifar", "train", str(data), *FAST, "--epochs", "2", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str(out)]
     _, meta = _state(out)
@@ -376,7 +409,12 @@ def test_augment_crop_and_flips():
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for i in range(2):  # each output is one window of the padded image
-        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(padded[i, :, dy:dy + 6, dx:dx + 6], out[i])]
+        hits = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(padded[i, :, dy : dy + 6, dx : dx + 6], out[i])
+        ]
         assert hits
     assert torch.equal(pad_crop(x, 0, gen), x)
     cl = x.contiguous(memory_format=torch.channels_last)
@@ -442,8 +480,27 @@ def test_same_seed_and_data_rebuild_the_same_onnx_bytes(cli, data, val, tmp_path
     for run in ("a", "b"):
         out = tmp_path / run / "model.pt"
         out.parent.mkdir()
-        r = cli("train", data, "--val", val, *FAST, "--precision", precision, "--target", "origin",
-                "--epochs", "2", "--ema", "0.9", "--whiten", "--seed", "5", "--onnx", "-o", out)
+        r = cli(
+            "train",
+            data,
+            "--val",
+            val,
+            *FAST,
+            "--precision",
+            precision,
+            "--target",
+            "origin",
+            "--epochs",
+            "2",
+            "--ema",
+            "0.9",
+            "--whiten",
+            "--seed",
+            "5",
+            "--onnx",
+            "-o",
+            out,
+        )
         assert r.exit_code == 0, r.stderr
         digests.append(hashlib.sha256(out.with_suffix(".onnx").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
@@ -504,8 +561,7 @@ def test_full_disk_on_the_onnx_export_keeps_the_checkpoint(cli, data32, tmp_path
     assert meta["train"]["epochs_done"] == 1 and meta["train"]["stopped"] == "completed"
 
 
-def test_full_disk_on_the_log_keeps_the_checkpoint_and_whole_lines(cli, data32, tmp_path, full_disk_dir,
-                                                                  fill_disk):
+def test_full_disk_on_the_log_keeps_the_checkpoint_and_whole_lines(cli, data32, tmp_path, full_disk_dir, fill_disk):
     log_file = full_disk_dir / "log.jsonl"
     fill_disk(full_disk_dir, leave=0)
     out = tmp_path / "m.pt"
@@ -525,7 +581,7 @@ class _DiskFull:
 
     def write(self, data):
         if len(data) > self._budget:
-            self._fh.write(data[:self._budget])
+            self._fh.write(data[: self._budget])
             self._budget = 0
             raise OSError(28, os.strerror(28))  # ENOSPC
         self._budget -= len(data)
@@ -574,8 +630,9 @@ def test_injected_enospc_is_one_line_and_keeps_earlier_files(cli, data, tmp_path
     else:  # the first line of the log (the creation of the empty log succeeds: it writes nothing)
         _inject_enospc(monkeypatch, fakecifar.train, ".jsonl", budget=0)
         failed = log_file
-    r = cli("train", data, *FAST, "--epochs", "2" if where == "checkpoint" else "1", "-o", out, "--onnx",
-            "--log", log_file)
+    r = cli(
+        "train", data, *FAST, "--epochs", "2" if where == "checkpoint" else "1", "-o", out, "--onnx", "--log", log_file
+    )
     assert r.exit_code == 1, r.stderr
     one_error_line(r, f"no space left on device writing {failed} (free space or choose another -o)")
     _no_partials(tmp_path)
@@ -616,9 +673,13 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_epoch_logs_the_whole_epoch(cli,
 
     out, log_file = tmp_path / "m.pt", tmp_path / "m.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _TRAIN_UNTIL_SIGTERM, "train", *map(str, args), "-o", str(out),
-                             "--log", str(log_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TRAIN_UNTIL_SIGTERM, "train", *map(str, args), "-o", str(out), "--log", str(log_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -629,8 +690,10 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_epoch_logs_the_whole_epoch(cli,
     stderr = "".join(lines) + rest
     assert proc.returncode == 143, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last == (f"fakecifar train: error: terminated (SIGTERM) in epoch 2/2 after step 3/6; state saved to {out} "
-                    f"(continue with: fakecifar train --resume {out})"), stderr
+    assert last == (
+        f"fakecifar train: error: terminated (SIGTERM) in epoch 2/2 after step 3/6; state saved to {out} "
+        f"(continue with: fakecifar train --resume {out})"
+    ), stderr
     assert stdout == ""
     _, meta = _state(out)
     assert meta["train"]["stopped"] == "interrupted" and meta["train"]["epochs_done"] == 1

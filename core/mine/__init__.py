@@ -15,5 +15,20 @@ from .adapters import ADAPTERS, Adapter, ApiError, ApiOptions, Secret, adapter_c
 from .miner import DEFAULT_PROMPT, MineConfig, MineInterrupted, Miner, MineReport, check_config
 from .state import MinerBusyError, MineState
 
-__all__ = ["ADAPTERS", "Adapter", "ApiError", "ApiOptions", "DEFAULT_PROMPT", "MineConfig", "MineInterrupted", "MineReport",
-           "MineState", "Miner", "MinerBusyError", "Secret", "adapter_class", "check_config", "register"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "ApiError",
+    "ApiOptions",
+    "DEFAULT_PROMPT",
+    "MineConfig",
+    "MineInterrupted",
+    "MineReport",
+    "MineState",
+    "Miner",
+    "MinerBusyError",
+    "Secret",
+    "adapter_class",
+    "check_config",
+    "register",
+]

@@ -211,7 +211,9 @@ class Adapter:
         self._key = key
         if self.needs_key and not key:
             var = self.key_env or "the key's variable"
-            raise UsageError(f"the {self.name} API needs a key", f"set {var} or pass --api-key-env VAR / --api-key-file PATH")
+            raise UsageError(
+                f"the {self.name} API needs a key", f"set {var} or pass --api-key-env VAR / --api-key-file PATH"
+            )
         self.validate()
 
     def __repr__(self) -> str:
@@ -262,29 +264,49 @@ class Adapter:
         text = self.scrub(self.error_text(response))
         blocked = response.is_html() and _looks_like_cloudflare(response)
         if status == 429:
-            return Verdict("retry", "rate_limited", f"HTTP 429: {text}", wait=retry_after(response.headers),
-                           throttle=True)
+            return Verdict(
+                "retry", "rate_limited", f"HTTP 429: {text}", wait=retry_after(response.headers), throttle=True
+            )
         if status in RETRY_STATUSES:
             return Verdict("retry", f"http_{status}", f"HTTP {status}: {text}", wait=retry_after(response.headers))
         if blocked:
-            return Verdict("fatal", f"http_{status}",
-                           f"blocked by Cloudflare at {redact_url(response.url)}: HTTP {status} with {text}",
-                           "the site refuses automated clients from this address; use the official API or "
-                           "another network")
+            return Verdict(
+                "fatal",
+                f"http_{status}",
+                f"blocked by Cloudflare at {redact_url(response.url)}: HTTP {status} with {text}",
+                "the site refuses automated clients from this address; use the official API or another network",
+            )
         if status in (401, 403):
-            return Verdict("fatal", f"http_{status}", f"the {self.name} API refused the request: HTTP {status}: {text}",
-                           f"check the key ({self.key_env or '--api-key-env'}) and its permissions"
-                           if self.key_env or self._key else "check --url and the server's access settings")
+            return Verdict(
+                "fatal",
+                f"http_{status}",
+                f"the {self.name} API refused the request: HTTP {status}: {text}",
+                f"check the key ({self.key_env or '--api-key-env'}) and its permissions"
+                if self.key_env or self._key
+                else "check --url and the server's access settings",
+            )
         if status in (404, 405):
-            return Verdict("fatal", f"http_{status}", f"{redact_url(response.url)}: HTTP {status}: {text}",
-                           f"is --url the base of a {self.name} API? ({self.summary})")
+            return Verdict(
+                "fatal",
+                f"http_{status}",
+                f"{redact_url(response.url)}: HTTP {status}: {text}",
+                f"is --url the base of a {self.name} API? ({self.summary})",
+            )
         if 300 <= status < 400:
             where = redact_url(response.headers.get("location", "?"))
-            return Verdict("fatal", f"http_{status}", f"{redact_url(response.url)} redirects to {where}",
-                           "pass the final address with --url")
+            return Verdict(
+                "fatal",
+                f"http_{status}",
+                f"{redact_url(response.url)} redirects to {where}",
+                "pass the final address with --url",
+            )
         if status == 400 or status == 422:
-            return Verdict("fatal", f"http_{status}", f"the {self.name} API rejected the request: HTTP {status}: {text}",
-                           "check --model, --size, --batch and the other generation options")
+            return Verdict(
+                "fatal",
+                f"http_{status}",
+                f"the {self.name} API rejected the request: HTTP {status}: {text}",
+                "check --model, --size, --batch and the other generation options",
+            )
         return Verdict("fatal", f"http_{status}", f"the {self.name} API answered HTTP {status}: {text}")
 
     def pause_hint(self, response: Response) -> float | None:
@@ -297,17 +319,31 @@ class Adapter:
     # ---- helpers for subclasses
     def json_body(self, response: Response) -> dict:
         if response.is_html():
-            raise BadResponse(Verdict(
-                "fatal", "html", f"{redact_url(response.url)} sent {self.error_text(response)}",
-                "a Cloudflare page or a web UI, not the API: check --url" if not _looks_like_cloudflare(response)
-                else "the site refuses automated clients from this address"))
+            raise BadResponse(
+                Verdict(
+                    "fatal",
+                    "html",
+                    f"{redact_url(response.url)} sent {self.error_text(response)}",
+                    "a Cloudflare page or a web UI, not the API: check --url"
+                    if not _looks_like_cloudflare(response)
+                    else "the site refuses automated clients from this address",
+                )
+            )
         try:
             payload = response.json()
         except (ValueError, UnicodeDecodeError):
-            raise BadResponse(Verdict("skip", "bad_json", f"{redact_url(response.url)} sent a body that is not JSON "
-                                      f"({one_line(response.body[:80].decode('utf-8', 'replace'))!r})")) from None
+            raise BadResponse(
+                Verdict(
+                    "skip",
+                    "bad_json",
+                    f"{redact_url(response.url)} sent a body that is not JSON "
+                    f"({one_line(response.body[:80].decode('utf-8', 'replace'))!r})",
+                )
+            ) from None
         if not isinstance(payload, dict):
-            raise BadResponse(Verdict("skip", "bad_json", f"{redact_url(response.url)} sent JSON that is not an object"))
+            raise BadResponse(
+                Verdict("skip", "bad_json", f"{redact_url(response.url)} sent JSON that is not an object")
+            )
         return payload
 
 
@@ -367,8 +403,17 @@ class Craiyon(Adapter):
 
     def validate(self) -> None:
         o = self.options
-        unused = [n for n, v in (("--model", o.model), ("--size", o.size), ("--steps", o.steps),
-                                 ("--cfg-scale", o.cfg_scale), ("--sampler", o.sampler)) if v is not None]
+        unused = [
+            n
+            for n, v in (
+                ("--model", o.model),
+                ("--size", o.size),
+                ("--steps", o.steps),
+                ("--cfg-scale", o.cfg_scale),
+                ("--sampler", o.sampler),
+            )
+            if v is not None
+        ]
         if unused:
             raise UsageError(f"the craiyon API has no {', '.join(unused)}", "drop the option(s)")
         if o.batch not in (None, 9):
@@ -474,8 +519,16 @@ class OpenAI(Adapter):
 
     def validate(self) -> None:
         o = self.options
-        unused = [n for n, v in (("--steps", o.steps), ("--cfg-scale", o.cfg_scale), ("--sampler", o.sampler),
-                                 ("--negative-prompt", o.negative_prompt)) if v is not None]
+        unused = [
+            n
+            for n, v in (
+                ("--steps", o.steps),
+                ("--cfg-scale", o.cfg_scale),
+                ("--sampler", o.sampler),
+                ("--negative-prompt", o.negative_prompt),
+            )
+            if v is not None
+        ]
         if unused:
             raise UsageError(f"the openai API has no {', '.join(unused)}", "drop the option(s)")
         if self.model_name() == "dall-e-3" and (o.batch or 1) != 1:
@@ -501,8 +554,14 @@ class OpenAI(Adapter):
             item = item if isinstance(item, dict) else {}
             extra = {"revised_prompt": item["revised_prompt"]} if isinstance(item.get("revised_prompt"), str) else {}
             try:
-                out.append(Generated(decode_b64(item.get("b64_json"), f"data[{i}].b64_json"), model=self.model_name(),
-                                     request_id=rid, extra=extra))
+                out.append(
+                    Generated(
+                        decode_b64(item.get("b64_json"), f"data[{i}].b64_json"),
+                        model=self.model_name(),
+                        request_id=rid,
+                        extra=extra,
+                    )
+                )
             except ValueError as exc:
                 out.append(Generated(None, model=self.model_name(), request_id=rid, error=str(exc)))
         return out
@@ -520,13 +579,21 @@ class OpenAI(Adapter):
         code = err.get("code") or err.get("type") or ""
         message = self.scrub(one_line(str(err.get("message") or code)))
         if code in ("insufficient_quota", "billing_hard_limit_reached", "billing_not_active"):
-            return Verdict("fatal", "quota", f"the openai API says the quota is exhausted ({code}): {message}",
-                           "check the account's plan and billing; rerun once it is fixed")
+            return Verdict(
+                "fatal",
+                "quota",
+                f"the openai API says the quota is exhausted ({code}): {message}",
+                "check the account's plan and billing; rerun once it is fixed",
+            )
         if response.status == 400 and code == "content_policy_violation":
             return Verdict("skip", "content_policy", f"prompt refused by the content policy: {message}")
         if response.status == 401:
-            return Verdict("fatal", "http_401", f"the openai API refused the key: {message or 'HTTP 401'}",
-                           f"check {self.key_env} (or --api-key-env / --api-key-file)")
+            return Verdict(
+                "fatal",
+                "http_401",
+                f"the openai API refused the key: {message or 'HTTP 401'}",
+                f"check {self.key_env} (or --api-key-env / --api-key-file)",
+            )
         return super().classify(response)
 
 
@@ -562,15 +629,24 @@ class HuggingFace(Adapter):
             params["guidance_scale"] = o.cfg_scale
         if o.size is not None:
             params["height"], params["width"] = o.size
-        return Request("POST", f"{self.base}/models/{self.model_name()}", {"inputs": job.prompt, "parameters": params},
-                       headers={"Accept": "image/png"})
+        return Request(
+            "POST",
+            f"{self.base}/models/{self.model_name()}",
+            {"inputs": job.prompt, "parameters": params},
+            headers={"Accept": "image/png"},
+        )
 
     def parse(self, response: Response, job: Job) -> list[Generated]:
         if response.content_type == "application/json" or response.is_html():
             if response.is_html():
                 self.json_body(response)  # raises the HTML verdict
-            raise BadResponse(Verdict("skip", "bad_response",
-                                      f"hf answered JSON instead of an image: {self.scrub(self.error_text(response))}"))
+            raise BadResponse(
+                Verdict(
+                    "skip",
+                    "bad_response",
+                    f"hf answered JSON instead of an image: {self.scrub(self.error_text(response))}",
+                )
+            )
         return [Generated(response.body, seed=job.seed, model=self.model_name(), request_id=_request_id(response))]
 
     def classify(self, response: Response) -> Verdict:

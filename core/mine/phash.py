@@ -24,7 +24,7 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 _DCT = _dct_matrix(_N)
-_BIT_WEIGHTS = (np.uint64(1) << np.arange(63, -1, -1, dtype=np.uint64))
+_BIT_WEIGHTS = np.uint64(1) << np.arange(63, -1, -1, dtype=np.uint64)
 
 
 def phash(image: np.ndarray) -> int:
@@ -43,6 +43,7 @@ def phashes(images: np.ndarray) -> np.ndarray:
 
 
 if hasattr(np, "bitwise_count"):
+
     def _popcount(x: np.ndarray) -> np.ndarray:
         return np.bitwise_count(x)
 else:  # numpy < 2.0

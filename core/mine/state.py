@@ -60,7 +60,9 @@ from .phash import HashIndex, phashes
 FOLDER_LOCK = ".mine.lock"
 WORKER_LOCK = ".mine-worker-{}.lock"
 WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-PARTIAL_NAME = re.compile(r"^mine-(?P<worker>.+)-\d{14}-[0-9a-f]{4}(?:-\d+x\d+)?-\d{5,}" + re.escape(SUFFIX + PARTIAL) + "$")
+PARTIAL_NAME = re.compile(
+    r"^mine-(?P<worker>.+)-\d{14}-[0-9a-f]{4}(?:-\d+x\d+)?-\d{5,}" + re.escape(SUFFIX + PARTIAL) + "$"
+)
 
 
 class MinerBusyError(FakecifarError):
@@ -69,8 +71,9 @@ class MinerBusyError(FakecifarError):
 
 def check_worker_id(worker: str) -> str:
     if not WORKER_ID.match(worker or ""):
-        raise UsageError(f"bad --worker {worker!r}", "use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                                                     "letter or digit")
+        raise UsageError(
+            f"bad --worker {worker!r}", "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return worker
 
 
@@ -81,8 +84,15 @@ def new_run_id() -> str:
 class MineState:
     """Quota, claims, duplicates and locks of one miner on one folder. Thread-safe."""
 
-    def __init__(self, out_dir: str | os.PathLike, classes: list[str], per_class: int, worker: str = "main",
-                 *, phash: bool = False):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        classes: list[str],
+        per_class: int,
+        worker: str = "main",
+        *,
+        phash: bool = False,
+    ):
         self.out = Path(out_dir)
         self.classes = list(classes)
         self.per_class = int(per_class)
@@ -121,8 +131,9 @@ class MineState:
             self._folder_fd = os.open(self.out / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             self._output_lock.release()
-            raise UsageError(f"cannot create {self.out / FOLDER_LOCK}: {exc.strerror or exc}",
-                             "choose a writable -o") from exc
+            raise UsageError(
+                f"cannot create {self.out / FOLDER_LOCK}: {exc.strerror or exc}", "choose a writable -o"
+            ) from exc
         try:
             with self._shared():
                 self._take_worker_lock()
@@ -149,7 +160,8 @@ class MineState:
             raise MinerBusyError(
                 f"{self.out} is already being mined by worker {self.worker!r} ({who})",
                 "this run exits; cron will retry later. To run several miners on one folder give each "
-                "its own --worker ID") from None
+                "its own --worker ID",
+            ) from None
         self._worker_fd = fd
 
     def close(self) -> None:
@@ -230,7 +242,7 @@ class MineState:
         others = np.zeros(len(self.classes), np.int64)
         workers = []
         for path in self.out.glob(WORKER_LOCK.format("*")):
-            worker = path.name[len(".mine-worker-"):-len(".lock")]
+            worker = path.name[len(".mine-worker-") : -len(".lock")]
             if worker == self.worker:
                 continue
             alive, info = self._worker_alive(worker)
@@ -249,17 +261,23 @@ class MineState:
         shard = Shard(path)  # validates; a damaged or foreign .h5 is refused naming its path
         try:
             if shard.classes != self.classes:
-                raise UsageError(f"{path}: holds shards of classes {_short(shard.classes)}, this run mines "
-                                 f"{_short(self.classes)}", "mine into another -o, or pass the --classes the "
-                                                            "folder was mined with")
+                raise UsageError(
+                    f"{path}: holds shards of classes {_short(shard.classes)}, this run mines {_short(self.classes)}",
+                    "mine into another -o, or pass the --classes the folder was mined with",
+                )
             labels = shard.read("labels").astype(np.int64)
             ok = (labels >= 0) & (labels < len(self.classes))
             counts = np.bincount(labels[ok], minlength=len(self.classes)).astype(np.int64)
             if "sha256" in shard.columns:
                 digests = shard.read("sha256")
             else:
-                digests = np.concatenate([pixel_sha256(shard.read("images", s, min(s + 1024, len(shard))))
-                                          for s in range(0, len(shard), 1024)] or [np.empty(0, "S32")])
+                digests = np.concatenate(
+                    [
+                        pixel_sha256(shard.read("images", s, min(s + 1024, len(shard))))
+                        for s in range(0, len(shard), 1024)
+                    ]
+                    or [np.empty(0, "S32")]
+                )
             self.sha.update(digest32(d) for d in digests)
             if self.want_phash:
                 if "phash" in shard.columns:
@@ -280,8 +298,19 @@ class MineState:
         if self._worker_fd is None:
             return
         claims = {name: int(n) for name, n in zip(self.classes, self.pending + self.reserved) if n > 0}
-        line = json.dumps({"worker": self.worker, "pid": os.getpid(), "host": socket.gethostname(),
-                           "run": self.run, "started": self._started, "claims": claims}) + "\n"
+        line = (
+            json.dumps(
+                {
+                    "worker": self.worker,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "run": self.run,
+                    "started": self._started,
+                    "claims": claims,
+                }
+            )
+            + "\n"
+        )
         os.ftruncate(self._worker_fd, 0)
         os.pwrite(self._worker_fd, line.encode(), 0)
 
@@ -360,13 +389,26 @@ class MineState:
             except OSError:
                 continue  # removed meanwhile; the next scan forgets it
         sizes = [s for s in (self._image_size(e["name"]) for e in entries[:1]) if s]
-        write_manifest(self.out, {
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": True, "growing": True,
-            "producer": producer("mine"), "command": command_line(),
-            "params": {"classes": self.classes, "per_class": self.per_class},
-            "created": (old or {}).get("created", now), "updated": now, "classes": self.classes,
-            "image_size": list(sizes[0]) if sizes else None, "images": sum(e["images"] for e in entries),
-            "quota_met": bool((self.finished >= self.per_class).all()), "shards": entries, "resume": {}})
+        write_manifest(
+            self.out,
+            {
+                "format": MANIFEST_FORMAT,
+                "version": MANIFEST_VERSION,
+                "complete": True,
+                "growing": True,
+                "producer": producer("mine"),
+                "command": command_line(),
+                "params": {"classes": self.classes, "per_class": self.per_class},
+                "created": (old or {}).get("created", now),
+                "updated": now,
+                "classes": self.classes,
+                "image_size": list(sizes[0]) if sizes else None,
+                "images": sum(e["images"] for e in entries),
+                "quota_met": bool((self.finished >= self.per_class).all()),
+                "shards": entries,
+                "resume": {},
+            },
+        )
 
     def _image_size(self, name: str) -> tuple[int, int] | None:
         try:
