@@ -43,7 +43,7 @@ A summary (requests, images, failures by reason, 429s, images/s, mean latency) g
 --json prints it as one JSON line on stdout instead of the shard paths, and --stats FILE
 appends it to FILE. Exit status: 0 done or bounded by --max-*, 1 the API or the network
 failed (or another run holds the lock), 2 bad usage or a folder holding other classes,
-130 interrupted (the open shard is finished first)."""
+130 interrupted, 143 terminated by SIGTERM (the open shard is finished first)."""
 
 from __future__ import annotations
 
@@ -336,7 +336,7 @@ def run(
         def _graceful(signum, frame):
             if miner.interrupting:
                 raise KeyboardInterrupt
-            miner.interrupt()
+            miner.interrupt(signum)
 
         previous = {sig: signal.signal(sig, _graceful) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:

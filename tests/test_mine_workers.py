@@ -85,8 +85,8 @@ def test_sigterm_finishes_the_open_shard(server, tmp_path):
     wait_for(lambda: list(out.glob("*.h5.partial")), proc, "a partial shard")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr
     summary = json.loads(stdout.splitlines()[-1])
     assert summary["stop"] == "interrupted" and summary["images"] > 0
     data = folder_contents(out)

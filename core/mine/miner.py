@@ -25,6 +25,7 @@ import math
 import os
 import queue
 import random
+import signal
 import socket
 import threading
 import time
@@ -49,9 +50,12 @@ DEFAULT_PROMPT = "a photo of a {class}"
 
 
 class MineInterrupted(FakecifarError):
-    """Ctrl-C or SIGTERM ended the run (after the open shard was finished)."""
+    """Ctrl-C or SIGTERM ended the run (after the open shard was finished): exit 128 + the
+    signal, 130 or 143, as shells and schedulers expect."""
 
-    exit_code = 130
+    def __init__(self, message: str, hint: str | None = None, signum: int = signal.SIGINT):
+        super().__init__(message, hint)
+        self.exit_code = 128 + int(signum)
 DEFAULT_MAX_BYTES = 64 << 20
 
 
@@ -152,6 +156,7 @@ class MineReport:
     error: str | None = None
     last_failure: str | None = None  # the message of the last failed attempt
     removed_partials: int = 0
+    signum: int = int(signal.SIGINT)  # what interrupted the run, if it was
     exception: BaseException | None = field(default=None, repr=False)
 
     @property
@@ -184,8 +189,8 @@ class MineReport:
         if self.exception is not None:
             raise self.exception
         if self.stop == "interrupted":
-            raise MineInterrupted("interrupted", f"{self.missing} images still missing; rerun the same command "
-                                                 "to continue")
+            raise MineInterrupted(_signal_word(self.signum), f"{self.missing} images still missing; rerun the same "
+                                  "command to continue", signum=self.signum)
         return self
 
 
@@ -263,9 +268,10 @@ class Miner:
             self._seed_rng = random.Random(f"{base}:{self.config.worker}:{int(self.state.finished.sum())}")
         return int(self.state.missing().sum())
 
-    def interrupt(self) -> None:
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
         """Ask the run to stop soon and finish its open shard. Safe in a signal handler: it
         takes no lock (the main loop does the rest within 0.2 s)."""
+        self.report.signum = int(signum)
         self._interrupt_requested = True
         self._stop.set()
 
@@ -646,3 +652,7 @@ class Miner:
         self._series.clear()
         if error is not None and self.report.exception is None:
             self.report.exception = error
+
+
+def _signal_word(signum: int) -> str:
+    return "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
