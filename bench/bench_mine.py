@@ -281,10 +281,10 @@ def strict_table(args, runs: list[dict]) -> None:
               "of allowed", "img/s", "of ceiling", "lost", "dup")
     rows = []
     for r in runs:
-        rows.append((r["name"].removeprefix("strict-"), f"{r['margin']:g}", r["requests"], r["rate_limited"], r["cuts"],
-                     f"{r['final_rate']:.3g}", r["busiest"], f"{r['steady_efficiency'] * args.rate:.3f}",
-                     f"{100 * r['steady_efficiency']:.1f}%", f"{r['images_per_s']:.2f}", f"{100 * r['efficiency']:.1f}%",
-                     r["lost"], r["duplicated"]))
+        rows.append((r["name"].removeprefix("strict-"), f"{r['margin']:g}", r["requests"], r["rate_limited"],
+                     r["cuts"], f"{r['final_rate']:.3g}", r["busiest"], f"{r['steady_efficiency'] * args.rate:.3f}",
+                     f"{100 * r['steady_efficiency']:.1f}%", f"{r['images_per_s']:.2f}",
+                     f"{100 * r['efficiency']:.1f}%", r["lost"], r["duplicated"]))
     print_table(header, rows)
     before, now = runs
     print(f"\nachieved / allowed (steady requests/s / {args.rate:g}): {before['steady_efficiency']:.3f} before "

@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exit as exc:
         code = exc.exit_code
     except click_exceptions.NoArgsIsHelpError as exc:
-        exc.ctx and typer.echo(exc.ctx.get_help(), err=False)
+        if exc.ctx:
+            typer.echo(exc.ctx.get_help(), err=False)
         code = 0
     except click_exceptions.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else prog

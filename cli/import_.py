@@ -72,6 +72,7 @@ def run(
         log(f"resumed: {report.resumed_shards} shard(s) were finished by an interrupted run and kept")
     if report.skipped:
         warn(f"skipped {len(report.skipped)} image(s): {joined(report.skipped, 10)} (--strict makes this fatal)")
+    assert report.image_size is not None  # an import with no images is an error, so every report has one
     h, w = report.image_size
     if not report.already_complete:
         log(

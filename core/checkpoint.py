@@ -539,7 +539,7 @@ def export_onnx(
         torch.onnx.export(
             wrapped,
             (torch.rand(1, 3, h, w),),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch annotates f as a path; the TorchScript exporter takes a file too
             dynamo=False,
             opset_version=opset,
             input_names=["image"],
@@ -581,6 +581,9 @@ def _normalizing_wrapper(model: nn.Module, mean: Sequence[float], std: Sequence[
     import torch
 
     class Normalized(torch.nn.Module):
+        mean: torch.Tensor  # buffers, declared so that type checkers know them
+        std: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.model = model

@@ -57,6 +57,8 @@ def fake_columns(classes: list[str]) -> np.ndarray:
 class Detector:
     """A real/fake model (.onnx on onnxruntime; .pt/.th on torch) that scores uint8 images."""
 
+    _predict: Callable[[np.ndarray], np.ndarray]  # uint8 images -> class probabilities
+
     def __init__(self, model: str | os.PathLike | None = None, arch: str | None = None, tta: bool = False):
         self.path = Path(model) if model else DEFAULT_MODEL
         self.tta = tta
@@ -217,6 +219,7 @@ def detect(
                 on_error(item.error)
             continue
         image = item.image
+        assert image is not None  # an item without an error has its pixels
         if on_caution and (why := detector.caution(image)):
             on_caution(item.path, why)
         if image.shape[:2] != size:

@@ -18,9 +18,10 @@ import os
 import pickle
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import overload
 
 import numpy as np
 
@@ -37,6 +38,10 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 MAX_MEMBER_BYTES = 512 << 20
 
 
+@overload
+def parse_classes(spec: str) -> list[str]: ...
+@overload
+def parse_classes(spec: None) -> None: ...
 def parse_classes(spec: str | None) -> list[str] | None:
     """`--classes`: 'cifar10', comma-separated names, or a file with one name a line."""
     if spec is None:
@@ -78,7 +83,7 @@ class Source:
 
     def _list(self) -> list[Entry]:
         if self.path.is_dir():
-            entries = []
+            entries: list[Entry] = []
             for root, dirs, files in os.walk(self.path):
                 dirs.sort()
                 rel = Path(root).relative_to(self.path).parts
@@ -237,7 +242,7 @@ def _resolve_classes(plans: list[Plan], given: list[str] | None) -> list[str]:
 
 
 def import_sources(
-    sources: list[str | os.PathLike],
+    sources: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
     classes: list[str] | None = None,
@@ -407,6 +412,7 @@ def _import_into(
         resized_after = report.resized - int(resized.sum()) + np.cumsum(resized)
         report.duplicates += int((~keep).sum())
         if writer is None:
+            assert report.image_size is not None  # add() set it before pending got its first image
             writer = ShardSeriesWriter(
                 output.directory,
                 shard_size=shard_size,

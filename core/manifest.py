@@ -130,8 +130,9 @@ def check_dataset_dir(directory: str | os.PathLike, shards: Iterable[Path], *, a
     problem = manifest_problem(directory, read_manifest(directory), shards)
     if problem:
         manifest = read_manifest(directory)
-        resumable = manifest is not None and not manifest.get("complete") and manifest.get("command")
-        hint = f"rerun `{manifest['command']}` to finish it, or {ALLOW_HINT}" if resumable else ALLOW_HINT
+        hint = ALLOW_HINT
+        if manifest is not None and not manifest.get("complete") and manifest.get("command"):  # resumable
+            hint = f"rerun `{manifest['command']}` to finish it, or {ALLOW_HINT}"
         raise IncompleteDatasetError(problem, hint)
 
 
@@ -354,7 +355,7 @@ class DatasetOutput:
             and manifest.get("params") == self.params
             and manifest.get("producer", "").split(" ")[:2] == self.producer.split(" ")[:2]
         )
-        if same and manifest_problem(out, {**manifest, "complete": True}, shards) is None:
+        if same and manifest is not None and manifest_problem(out, {**manifest, "complete": True}, shards) is None:
             self._manifest = {**base, **manifest, "command": self.line}
             self.finished = list(manifest["shards"])
             self.resume_state = dict(manifest.get("resume") or {})

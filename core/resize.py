@@ -32,8 +32,10 @@ def _prefetch(shard: Shard, read_bytes: int = 16 << 20):
         block["images"] = shard.read("images", start, stop, out=buffer)
         return block
 
+    if not starts:  # an empty shard: no blocks
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fakecifar-read") as pool:
-        pending = pool.submit(read, starts[0], buffers[0]) if starts else None
+        pending = pool.submit(read, starts[0], buffers[0])
         for i, following in enumerate(starts[1:] + [None]):
             block = pending.result()
             if following is not None:
@@ -59,7 +61,7 @@ def resize_shards(
     paths = expand_inputs(inputs, allow_incomplete=allow_incomplete)
     if not paths:
         raise UsageError("no input shards", "give shard files or directories, or pipe their paths on stdin")
-    names = {}
+    names: dict[str, Path] = {}
     for p in paths:
         if p.name in names:
             raise UsageError(

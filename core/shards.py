@@ -231,6 +231,7 @@ class ShardWriter(_AtomicOutput):
         f.close()
         self._file = None
         self._check_writes()
+        assert self._raw is not None  # _open() made it; only abort() clears it, and _check_writes() raises then
         try:
             self._raw.sync_and_close()
             self._raw = None
@@ -385,7 +386,9 @@ class ShardSeriesWriter(_AtomicOutput):
             )
         return self._writer
 
-    def add_batch(self, images: np.ndarray, labels=None, *, positions: Sequence | None = None, **columns) -> None:
+    def add_batch(
+        self, images: np.ndarray, labels=None, *, positions: Sequence | np.ndarray | None = None, **columns
+    ) -> None:
         """Append images; `positions[i]` (optional) says where the input stood after row i, for
         the manifest's resume state when a shard ends on that row."""
         images = np.asarray(images)

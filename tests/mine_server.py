@@ -517,7 +517,8 @@ def main() -> None:
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args()
     config = ServerConfig(api=args.api, latency=args.latency, images=args.images, size=args.size, fmt=args.fmt,
-                          rate_limit=args.rate_limit, limiter=args.limiter, retry_after=args.retry_after, api_key=args.api_key)
+                          rate_limit=args.rate_limit, limiter=args.limiter, retry_after=args.retry_after,
+                          api_key=args.api_key)
     server = MineServer(config, port=args.port)
     print(server.url, flush=True)
     try:

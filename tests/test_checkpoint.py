@@ -198,7 +198,9 @@ def test_foreign_th_loads_with_arch(tmp_path: Path) -> None:
 def test_foreign_th_head_size_comes_from_the_weights(tmp_path: Path) -> None:
     path = foreign_th(tmp_path / "r20c100.th", build_model("resnet20", 100))
     loaded, meta = load_checkpoint(path, arch="resnet20")
-    assert len(meta["classes"]) == 100 and loaded.linear.out_features == 100
+    head = loaded.linear
+    assert isinstance(head, nn.Linear)
+    assert len(meta["classes"]) == 100 and head.out_features == 100
 
 
 def test_foreign_th_needs_and_checks_arch(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def tiny_models(tmp_path_factory):
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
-    meta = {
+    meta: dict[str, Any] = {
         "arch": "lenet5",
         "arch_kwargs": {},
         "classes": ["real", "fake"],

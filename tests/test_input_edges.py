@@ -286,6 +286,7 @@ def test_a_non_model_named_onnx_is_refused_without_torch(cli, tmp_path, image):
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_help_fits_80_columns_with_flags_as_flags_and_names_whole(cli, monkeypatch, command):
     import typer
+    from typer.core import TyperGroup
 
     from fakecifar.cli.app import app
 
@@ -294,7 +295,9 @@ def test_help_fits_80_columns_with_flags_as_flags_and_names_whole(cli, monkeypat
     assert r.exit_code == 0 and r.stdout.startswith(f"Usage: fakecifar {command} ")
     assert "<bool>" not in r.stdout and "…" not in r.stdout
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
-    click_command = typer.main.get_command(app).commands[command]
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    click_command = group.commands[command]
     for param in click_command.params:
         for name in [*param.opts, *param.secondary_opts]:
             if name.startswith("--"):

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import h5py
 import pytest
-from mine_server import MineServer, ServerConfig, SlidingWindow, folder_contents
 
 from fakecifar.mine.phash import hamming
 from fakecifar.shards import Shard
+
+from mine_server import MineServer, ServerConfig, SlidingWindow, folder_contents
 
 # No waiting in tests: unlimited rate, 10 ms backoff base, short timeouts.
 FAST = ["--rate", "0", "--backoff", "0.01", "--timeout", "5"]
@@ -21,8 +22,18 @@ SECRET = "sk-test-0123456789abcdefSECRET"
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for var in ("OPENAI_API_KEY", "HF_TOKEN", "A1111_API_AUTH", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
-                "https_proxy", "ALL_PROXY", "all_proxy", "FAKECIFAR_DEBUG"):
+    for var in (
+        "OPENAI_API_KEY",
+        "HF_TOKEN",
+        "A1111_API_AUTH",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "FAKECIFAR_DEBUG",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -64,8 +75,20 @@ def json_line(result) -> dict:
 def test_craiyon_mines_exact_quota_and_prints_each_shard(mine, serve, tmp_path):
     server = serve(api="craiyon", latency=0.005)
     out = tmp_path / "raw"
-    result = mine(server, out, "--classes", "cat,dog,bird", "--per-class", "12", "--shard-size", "10",
-                  "--prompt", "a photo of a {class}", "--prompt", "a drawing of a {class}")
+    result = mine(
+        server,
+        out,
+        "--classes",
+        "cat,dog,bird",
+        "--per-class",
+        "12",
+        "--shard-size",
+        "10",
+        "--prompt",
+        "a photo of a {class}",
+        "--prompt",
+        "a drawing of a {class}",
+    )
     assert result.exit_code == 0, result.stderr
     paths = result.stdout.splitlines()
     data = folder_contents(out)
@@ -116,8 +139,19 @@ def test_rerun_resumes_and_then_has_nothing_to_do(mine, serve, tmp_path):
 
 def test_max_minutes_bounds_a_run(mine, serve, tmp_path):
     server = serve(api="craiyon", latency=0.05)
-    result = mine(server, tmp_path / "raw", "--classes", "a,b", "--per-class", "9000", "--concurrency", "2",
-                  "--max-minutes", "0.01", "--json")
+    result = mine(
+        server,
+        tmp_path / "raw",
+        "--classes",
+        "a,b",
+        "--per-class",
+        "9000",
+        "--concurrency",
+        "2",
+        "--max-minutes",
+        "0.01",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     summary = json_line(result)
     assert summary["stop"] == "max-minutes" and summary["missing"] == 18000 - summary["images"]
@@ -128,9 +162,30 @@ def test_max_minutes_bounds_a_run(mine, serve, tmp_path):
 def test_a1111_sends_parameters_and_stores_seeds_and_model(mine, serve, tmp_path):
     server = serve(api="a1111", latency=0.005)
     out = tmp_path / "sd"
-    result = mine(server, out, "--classes", "cat,dog", "--per-class", "6", "--batch", "3", "--size", "16x24",
-                  "--steps", "4", "--cfg-scale", "6.5", "--sampler", "DPM++ 2M", "--negative-prompt", "blurry",
-                  "--seed", "7", "--model", "sd15.safetensors")
+    result = mine(
+        server,
+        out,
+        "--classes",
+        "cat,dog",
+        "--per-class",
+        "6",
+        "--batch",
+        "3",
+        "--size",
+        "16x24",
+        "--steps",
+        "4",
+        "--cfg-scale",
+        "6.5",
+        "--sampler",
+        "DPM++ 2M",
+        "--negative-prompt",
+        "blurry",
+        "--seed",
+        "7",
+        "--model",
+        "sd15.safetensors",
+    )
     assert result.exit_code == 0, result.stderr
     body = server.bodies[0]
     assert body["negative_prompt"] == "blurry" and body["steps"] == 4 and body["cfg_scale"] == 6.5
@@ -153,21 +208,54 @@ def test_a1111_sends_parameters_and_stores_seeds_and_model(mine, serve, tmp_path
     # Same --seed, fresh folder: the same seeds are asked for.
     server2_out = tmp_path / "sd2"
     before = len(server.bodies)
-    mine(server, server2_out, "--classes", "cat,dog", "--per-class", "6", "--batch", "3", "--size", "16x24",
-         "--seed", "7", "--concurrency", "1")
+    mine(
+        server,
+        server2_out,
+        "--classes",
+        "cat,dog",
+        "--per-class",
+        "6",
+        "--batch",
+        "3",
+        "--size",
+        "16x24",
+        "--seed",
+        "7",
+        "--concurrency",
+        "1",
+    )
     assert {b["seed"] for b in server.bodies[before:]} == sent_seeds
 
 
 def test_openai_key_from_env_is_sent_and_never_shown(mine, serve, tmp_path):
     server = serve(api="openai", api_key=SECRET)
     out = tmp_path / "oa"
-    result = mine(server, out, "--classes", "cat,dog", "--per-class", "4", "--batch", "2", "--size", "16",
-                  "--json", "--stats", tmp_path / "stats.jsonl", env={"OPENAI_API_KEY": SECRET})
+    result = mine(
+        server,
+        out,
+        "--classes",
+        "cat,dog",
+        "--per-class",
+        "4",
+        "--batch",
+        "2",
+        "--size",
+        "16",
+        "--json",
+        "--stats",
+        tmp_path / "stats.jsonl",
+        env={"OPENAI_API_KEY": SECRET},
+    )
     assert result.exit_code == 0, result.stderr
     assert all(a == f"Bearer {SECRET}" for a in server.auth)
     body = server.bodies[0]
-    assert body == {"model": "dall-e-2", "prompt": body["prompt"], "n": 2, "size": "16x16",
-                    "response_format": "b64_json"}
+    assert body == {
+        "model": "dall-e-2",
+        "prompt": body["prompt"],
+        "n": 2,
+        "size": "16x16",
+        "response_format": "b64_json",
+    }
     summary = json_line(result)
     assert summary["images"] == 8 and summary["requests"] == 4 and summary["stop"] == "done"
     assert summary["per_class"] == {"cat": 4, "dog": 4}
@@ -181,8 +269,25 @@ def test_openai_wrong_key_is_fatal_and_scrubbed(cli, serve, tmp_path):
     server = serve(api="openai", api_key="sk-the-right-one")
     key_file = tmp_path / "key"
     key_file.write_text(SECRET + "\n")
-    result = cli("-q", "mine", "--api", "openai", "--url", server.url, "-o", tmp_path / "oa", *FAST,
-                 "--classes", "cat", "--per-class", "2", "--api-key-file", key_file, "--concurrency", "1")
+    result = cli(
+        "-q",
+        "mine",
+        "--api",
+        "openai",
+        "--url",
+        server.url,
+        "-o",
+        tmp_path / "oa",
+        *FAST,
+        "--classes",
+        "cat",
+        "--per-class",
+        "2",
+        "--api-key-file",
+        key_file,
+        "--concurrency",
+        "1",
+    )
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("fakecifar mine: error: ")
     assert "refused the key" in result.stderr and "OPENAI_API_KEY" in result.stderr
@@ -202,8 +307,19 @@ def test_openai_needs_a_key(mine, serve, tmp_path):
 def test_openai_insufficient_quota_stops_without_retry(mine, serve, tmp_path):
     server = serve(api="openai", faults=["quota"])
     stats = tmp_path / "stats.jsonl"
-    result = mine(server, tmp_path / "oa", "--classes", "cat", "--per-class", "3", "--concurrency", "1",
-                  "--stats", stats, env={"OPENAI_API_KEY": SECRET})
+    result = mine(
+        server,
+        tmp_path / "oa",
+        "--classes",
+        "cat",
+        "--per-class",
+        "3",
+        "--concurrency",
+        "1",
+        "--stats",
+        stats,
+        env={"OPENAI_API_KEY": SECRET},
+    )
     assert result.exit_code == 1
     logged = json.loads(stats.read_text())  # a cron job's stats file records the failure too
     assert logged["stop"] == "error" and "quota" in logged["error"] and logged["failures"] == {"quota": 1}
@@ -214,8 +330,18 @@ def test_openai_insufficient_quota_stops_without_retry(mine, serve, tmp_path):
 
 def test_openai_rate_limit_is_retried_honouring_headers(mine, serve, tmp_path):
     server = serve(api="openai", faults=["429", "429-nora"], retry_after="0")
-    result = mine(server, tmp_path / "oa", "--classes", "cat", "--per-class", "3", "--concurrency", "1", "--json",
-                  env={"OPENAI_API_KEY": SECRET})
+    result = mine(
+        server,
+        tmp_path / "oa",
+        "--classes",
+        "cat",
+        "--per-class",
+        "3",
+        "--concurrency",
+        "1",
+        "--json",
+        env={"OPENAI_API_KEY": SECRET},
+    )
     assert result.exit_code == 0, result.stderr
     summary = json_line(result)
     assert summary["rate_limited"] == 2 and summary["failures"] == {"rate_limited": 2}
@@ -224,9 +350,24 @@ def test_openai_rate_limit_is_retried_honouring_headers(mine, serve, tmp_path):
 
 def test_hf_waits_for_a_loading_model(mine, serve, tmp_path):
     server = serve(api="hf", faults=["loading"], api_key="hf_token_x")
-    result = mine(server, tmp_path / "hf", "--classes", "cat,dog", "--per-class", "2", "--model", "org/sd-tiny",
-                  "--size", "16", "--steps", "3", "--negative-prompt", "ugly", "--json",
-                  env={"HF_TOKEN": "hf_token_x"})
+    result = mine(
+        server,
+        tmp_path / "hf",
+        "--classes",
+        "cat,dog",
+        "--per-class",
+        "2",
+        "--model",
+        "org/sd-tiny",
+        "--size",
+        "16",
+        "--steps",
+        "3",
+        "--negative-prompt",
+        "ugly",
+        "--json",
+        env={"HF_TOKEN": "hf_token_x"},
+    )
     assert result.exit_code == 0, result.stderr
     assert json_line(result)["failures"] == {"model_loading": 1}
     body = server.bodies[-1]
@@ -241,11 +382,22 @@ def test_hf_waits_for_a_loading_model(mine, serve, tmp_path):
 # --------------------------------------------------------------------------- faults
 
 
-@pytest.mark.parametrize("fault,reason", [
-    ("500", "http_500"), ("502", "http_502"), ("503", "http_503"), ("504", "http_504"), ("524", "http_524"),
-    ("408", "http_408"), ("html503", "http_503"), ("truncated", "truncated"), ("reset", "connection"),
-    ("429-nora", "rate_limited"), ("429", "rate_limited"),
-])
+@pytest.mark.parametrize(
+    "fault,reason",
+    [
+        ("500", "http_500"),
+        ("502", "http_502"),
+        ("503", "http_503"),
+        ("504", "http_504"),
+        ("524", "http_524"),
+        ("408", "http_408"),
+        ("html503", "http_503"),
+        ("truncated", "truncated"),
+        ("reset", "connection"),
+        ("429-nora", "rate_limited"),
+        ("429", "rate_limited"),
+    ],
+)
 def test_transient_faults_are_retried(mine, serve, tmp_path, fault, reason):
     server = serve(api="craiyon", faults=[fault])
     result = mine(server, tmp_path / "raw", "--classes", "cat", "--per-class", "9", "--concurrency", "1", "--json")
@@ -258,17 +410,51 @@ def test_transient_faults_are_retried(mine, serve, tmp_path, fault, reason):
 
 def test_slow_response_times_out_and_is_retried(cli, serve, tmp_path):
     server = serve(api="craiyon", faults=["slow"], slow_seconds=3.0)
-    result = cli("mine", "--api", "craiyon", "--url", server.url, "-o", tmp_path / "raw", "--rate", "0",
-                 "--backoff", "0.01", "--timeout", "0.4", "--classes", "cat", "--per-class", "9",
-                 "--concurrency", "1", "--json")
+    result = cli(
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        server.url,
+        "-o",
+        tmp_path / "raw",
+        "--rate",
+        "0",
+        "--backoff",
+        "0.01",
+        "--timeout",
+        "0.4",
+        "--classes",
+        "cat",
+        "--per-class",
+        "9",
+        "--concurrency",
+        "1",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     assert json_line(result)["failures"] == {"timeout": 1}
 
 
 def test_cloudflare_block_is_one_clear_line(cli, serve, tmp_path):
     server = serve(api="craiyon", faults=["html403"])
-    result = cli("-q", "mine", "--api", "craiyon", "--url", server.url, "-o", tmp_path / "raw", *FAST,
-                 "--classes", "cat", "--per-class", "9", "--concurrency", "1")
+    result = cli(
+        "-q",
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        server.url,
+        "-o",
+        tmp_path / "raw",
+        *FAST,
+        "--classes",
+        "cat",
+        "--per-class",
+        "9",
+        "--concurrency",
+        "1",
+    )
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("fakecifar mine: error: blocked by Cloudflare")
@@ -278,8 +464,21 @@ def test_cloudflare_block_is_one_clear_line(cli, serve, tmp_path):
 
 def test_html_page_instead_of_json_is_a_clear_error(cli, serve, tmp_path):
     server = serve(api="a1111", faults=["html200"])
-    result = cli("-q", "mine", "--api", "a1111", "--url", server.url, "-o", tmp_path / "sd", *FAST,
-                 "--classes", "cat", "--per-class", "1")
+    result = cli(
+        "-q",
+        "mine",
+        "--api",
+        "a1111",
+        "--url",
+        server.url,
+        "-o",
+        tmp_path / "sd",
+        *FAST,
+        "--classes",
+        "cat",
+        "--per-class",
+        "1",
+    )
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "HTML page" in result.stderr and "--url" in result.stderr
 
@@ -309,16 +508,39 @@ def test_unusable_answers_are_counted_not_retried(mine, serve, tmp_path, fault, 
 
 def test_response_size_is_capped(mine, serve, tmp_path):
     server = serve(api="craiyon", faults=["huge"])
-    result = mine(server, tmp_path / "raw", "--classes", "cat", "--per-class", "9", "--concurrency", "1", "--json",
-                  "--max-mib", "1")
+    result = mine(
+        server,
+        tmp_path / "raw",
+        "--classes",
+        "cat",
+        "--per-class",
+        "9",
+        "--concurrency",
+        "1",
+        "--json",
+        "--max-mib",
+        "1",
+    )
     assert result.exit_code == 0, result.stderr
     assert json_line(result)["failures"] == {"too_large": 1}
 
 
 def test_persistent_failure_gives_up_with_exit_1(mine, serve, tmp_path):
     server = serve(api="craiyon", faults=["500"] * 100)
-    result = mine(server, tmp_path / "raw", "--classes", "cat", "--per-class", "9", "--concurrency", "1",
-                  "--retries", "1", "--max-failures", "3")
+    result = mine(
+        server,
+        tmp_path / "raw",
+        "--classes",
+        "cat",
+        "--per-class",
+        "9",
+        "--concurrency",
+        "1",
+        "--retries",
+        "1",
+        "--max-failures",
+        "3",
+    )
     assert result.exit_code == 1
     last = result.stderr.splitlines()[-1]
     assert last.startswith("fakecifar mine: error: the last 3 requests brought no new image") and "http_500" in last
@@ -332,18 +554,54 @@ def test_connection_refused_is_a_clear_failure(cli, tmp_path):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    result = cli("mine", "--api", "craiyon", "--url", f"http://127.0.0.1:{port}", "-o", tmp_path / "raw", *FAST,
-                 "--classes", "cat", "--per-class", "9", "--concurrency", "1", "--retries", "1",
-                 "--max-failures", "2")
+    result = cli(
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        f"http://127.0.0.1:{port}",
+        "-o",
+        tmp_path / "raw",
+        *FAST,
+        "--classes",
+        "cat",
+        "--per-class",
+        "9",
+        "--concurrency",
+        "1",
+        "--retries",
+        "1",
+        "--max-failures",
+        "2",
+    )
     assert result.exit_code == 1
     assert "connection" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_server_rate_limit_slows_the_client_down(cli, serve, tmp_path):
     server = serve(api="craiyon", rate_limit=8, retry_after=None)
-    result = cli("mine", "--api", "craiyon", "--url", server.url, "-o", tmp_path / "raw", "--rate", "200",
-                 "--backoff", "0.01", "--classes", "a,b,c", "--per-class", "45", "--concurrency", "8", "--json",
-                 "--retries", "8")
+    result = cli(
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        server.url,
+        "-o",
+        tmp_path / "raw",
+        "--rate",
+        "200",
+        "--backoff",
+        "0.01",
+        "--classes",
+        "a,b,c",
+        "--per-class",
+        "45",
+        "--concurrency",
+        "8",
+        "--json",
+        "--retries",
+        "8",
+    )
     assert result.exit_code == 0, result.stderr
     summary = json_line(result)
     assert summary["rate_limited"] > 0 and summary["final_rate"] < 200
@@ -363,9 +621,28 @@ def test_explicit_rate_never_trips_a_strict_window_limit(cli, serve, tmp_path):
     # Exactly 20 requests allowed in any second, 429 for the 21st: pacing at --rate 20 must
     # stay under it by itself (no 429, so the rate is never cut), 4 threads or not.
     server = serve(api="craiyon", rate_limit=20, limiter="window", images=1, size=8)
-    result = cli("mine", "--api", "craiyon", "--url", server.url, "-o", tmp_path / "raw", "--rate", "20",
-                 "--concurrency", "4", "--classes", "a,b", "--per-class", "15", "--backoff", "0.01",
-                 "--timeout", "5", "--json")
+    result = cli(
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        server.url,
+        "-o",
+        tmp_path / "raw",
+        "--rate",
+        "20",
+        "--concurrency",
+        "4",
+        "--classes",
+        "a,b",
+        "--per-class",
+        "15",
+        "--backoff",
+        "0.01",
+        "--timeout",
+        "5",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     summary = json_line(result)
     assert server.by_status == {200: 30}
@@ -379,7 +656,7 @@ def test_images_are_stored_at_native_size_one_series_per_size(mine, serve, tmp_p
     out = tmp_path / "raw"
     result = mine(server, out, "--classes", "a,b", "--per-class", "18", "--concurrency", "1", "--shard-size", "10")
     assert result.exit_code == 0, result.stderr
-    sizes = {}
+    sizes: dict[tuple[int, int], list[str]] = {}
     for path in out.glob("*.h5"):
         shard = Shard(path)
         sizes.setdefault(shard.image_size, []).append(path.name)
@@ -413,13 +690,14 @@ def test_exact_duplicates_are_dropped_within_and_across_runs(mine, serve, tmp_pa
 def test_near_duplicates_are_dropped_with_dedup_phash(mine, serve, tmp_path):
     server = serve(api="craiyon", near_duplicates=True, fmt="png", size=32)
     out = tmp_path / "near"
-    result = mine(server, out, "--classes", "cat", "--per-class", "12", "--dedup-phash", "6", "--json",
-                  "--concurrency", "1")
+    result = mine(
+        server, out, "--classes", "cat", "--per-class", "12", "--dedup-phash", "6", "--json", "--concurrency", "1"
+    )
     assert result.exit_code == 0, result.stderr
     assert json_line(result)["near_duplicates"] >= 6
     hashes = [int(h) for p in out.glob("*.h5") for h in h5py.File(p, "r")["phash"][:]]
     assert len(hashes) == 12
-    assert min(hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]) > 6
+    assert min(hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]) > 6
     # Without the option the near-duplicates are kept (they are not pixel-identical).
     plain = tmp_path / "plain"
     server.image_counter = 0
@@ -486,16 +764,19 @@ def test_unwritable_output_is_a_clear_error(mine, serve, tmp_path):
     assert server.requests == 0
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--per-class", "0"], "--per-class"),
-    (["--per-class", "5", "--concurrency", "0"], "--concurrency"),
-    (["--per-class", "5", "--rate", "-1"], "--rate"),
-    (["--per-class", "5", "--worker", "../evil"], "--worker"),
-    (["--per-class", "5", "--dedup-phash", "99"], "--dedup-phash"),
-    (["--per-class", "5", "--model", "x"], "--model"),
-    (["--per-class", "5", "--batch", "4"], "9 images"),
-    (["--per-class", "5", "--url", "ftp://example.com"], "http"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--per-class", "0"], "--per-class"),
+        (["--per-class", "5", "--concurrency", "0"], "--concurrency"),
+        (["--per-class", "5", "--rate", "-1"], "--rate"),
+        (["--per-class", "5", "--worker", "../evil"], "--worker"),
+        (["--per-class", "5", "--dedup-phash", "99"], "--dedup-phash"),
+        (["--per-class", "5", "--model", "x"], "--model"),
+        (["--per-class", "5", "--batch", "4"], "9 images"),
+        (["--per-class", "5", "--url", "ftp://example.com"], "http"),
+    ],
+)
 def test_bad_options_are_usage_errors(cli, tmp_path, args, needle):
     result = cli("mine", "--api", "craiyon", "-o", tmp_path / "x", "--classes", "cat", *args)
     assert result.exit_code == 2, result.stderr
@@ -517,10 +798,12 @@ def test_a_mined_folder_has_a_manifest_and_excludes_other_producers(mine, serve,
     result = mine(server, out, "--classes", "cat,dog", "--per-class", "9", "--shard-size", "4")
     assert result.exit_code == 0, result.stderr
     manifest = read_manifest(out)
+    assert manifest is not None
     assert manifest["complete"] and manifest["growing"] and manifest["quota_met"]
     assert sorted(e["name"] for e in manifest["shards"]) == sorted(p.name for p in out.glob("*.h5"))
     assert manifest["images"] == 18 and cli("stats", out).exit_code == 0  # readable as a dataset
     with OutputLock(out, command="fakecifar import src -o raw"):  # an import is writing here
         busy = mine(server, out, "--classes", "cat,dog", "--per-class", "20")
     assert busy.exit_code == 1 and "is being written by pid" in busy.stderr and "fakecifar import" in busy.stderr
-    assert read_manifest(out)["images"] == 18
+    after = read_manifest(out)
+    assert after is not None and after["images"] == 18

@@ -20,8 +20,15 @@ from requests.structures import CaseInsensitiveDict
 from fakecifar.errors import UsageError
 from fakecifar.mine import ADAPTERS, ApiOptions, MinerBusyError, MineState, Secret, adapter_class
 from fakecifar.mine.adapters import BadResponse, Job, Response, decode_b64, redact_url
-from fakecifar.mine.pacing import (PACING_MARGIN, Aimd, TokenBucket, backoff_delay, parse_duration, ratelimit_pause,
-                                   retry_after)
+from fakecifar.mine.pacing import (
+    PACING_MARGIN,
+    Aimd,
+    TokenBucket,
+    backoff_delay,
+    parse_duration,
+    ratelimit_pause,
+    retry_after,
+)
 from fakecifar.mine.phash import HashIndex, hamming, phash
 
 

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from mine_server import MineServer, ServerConfig, folder_contents
 
 from fakecifar.shards import Shard
+
+from mine_server import MineServer, ServerConfig, folder_contents
 
 FAST = ["--rate", "0", "--backoff", "0.01", "--timeout", "10"]
 
@@ -33,8 +34,20 @@ def _env() -> dict:
 
 
 def spawn(server: MineServer, out: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fakecifar", "mine", "--api", "craiyon", "--url", server.url, "-o", str(out),
-           *FAST, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fakecifar",
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        server.url,
+        "-o",
+        str(out),
+        *FAST,
+        *args,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
 
@@ -43,6 +56,7 @@ def wait_for(condition, proc: subprocess.Popen, what: str, limit: float = 60.0) 
     end = time.monotonic() + limit
     while not condition():
         if proc.poll() is not None:
+            assert proc.stderr is not None
             pytest.fail(f"miner exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
         if time.monotonic() > end:
             proc.kill()
@@ -68,11 +82,26 @@ def test_kill_9_mid_run_then_rerun_gives_exact_counts(cli, server, tmp_path):
     assert list(out.glob("*.h5.partial")), "the kill left no half-written shard to test with"
     for path in out.glob("*.h5"):
         Shard(path)  # every finished shard opens: the partial never took a real name
+    assert proc.stdout is not None
     printed = proc.stdout.read().split()
     assert all(Path(p).exists() for p in printed)
 
-    result = cli("mine", "--api", "craiyon", "--url", server.url, "-o", out, *FAST, "--classes", "a,b,c",
-                 "--per-class", "45", "--shard-size", "7")
+    result = cli(
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        server.url,
+        "-o",
+        out,
+        *FAST,
+        "--classes",
+        "a,b,c",
+        "--per-class",
+        "45",
+        "--shard-size",
+        "7",
+    )
     assert result.exit_code == 0, result.stderr
     assert "unfinished shard" in result.stderr
     assert_clean(out, {"a": 45, "b": 45, "c": 45})
@@ -80,8 +109,9 @@ def test_kill_9_mid_run_then_rerun_gives_exact_counts(cli, server, tmp_path):
 
 def test_sigterm_finishes_the_open_shard(server, tmp_path):
     out = tmp_path / "raw"
-    proc = spawn(server, out, "--classes", "a,b", "--per-class", "900", "--shard-size", "1000", "--concurrency", "2",
-                 "--json")
+    proc = spawn(
+        server, out, "--classes", "a,b", "--per-class", "900", "--shard-size", "1000", "--concurrency", "2", "--json"
+    )
     wait_for(lambda: list(out.glob("*.h5.partial")), proc, "a partial shard")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -101,8 +131,9 @@ def test_second_run_on_a_locked_folder_exits_at_once(cli, server, tmp_path):
     lock = out / ".mine-worker-main.lock"
     wait_for(lambda: lock.exists() and lock.read_text().strip(), proc, "the lock")
     before = server.requests
-    result = cli("mine", "--api", "craiyon", "--url", server.url, "-o", out, *FAST, "--classes", "a,b",
-                 "--per-class", "45")
+    result = cli(
+        "mine", "--api", "craiyon", "--url", server.url, "-o", out, *FAST, "--classes", "a,b", "--per-class", "45"
+    )
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1
     assert "already being mined by worker 'main'" in result.stderr and f"pid {proc.pid}" in result.stderr
@@ -110,8 +141,26 @@ def test_second_run_on_a_locked_folder_exits_at_once(cli, server, tmp_path):
     assert server.requests - before <= 1  # (the first miner's own requests go on)
 
     # A second worker id runs beside it and the two fill the quota exactly.
-    helper = cli("mine", "--api", "craiyon", "--url", server.url, "-o", out, *FAST, "--classes", "a,b",
-                 "--per-class", "45", "--worker", "w2", "--concurrency", "2", "--shard-size", "9")
+    helper = cli(
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        server.url,
+        "-o",
+        out,
+        *FAST,
+        "--classes",
+        "a,b",
+        "--per-class",
+        "45",
+        "--worker",
+        "w2",
+        "--concurrency",
+        "2",
+        "--shard-size",
+        "9",
+    )
     assert helper.exit_code == 0, helper.stderr
     assert all(Path(p).name.startswith("mine-w2-") for p in helper.stdout.split())
     stdout, stderr = proc.communicate(timeout=60)
@@ -122,16 +171,45 @@ def test_second_run_on_a_locked_folder_exits_at_once(cli, server, tmp_path):
 def test_concurrent_workers_share_one_quota(cli, server, tmp_path):
     out = tmp_path / "raw"
     server.config.latency = 0.02
-    procs = [spawn(server, out, "--classes", "a,b,c", "--per-class", "60", "--concurrency", "3", "--worker", w,
-                   "--shard-size", "10") for w in ("w1", "w2", "w3")]
+    procs = [
+        spawn(
+            server,
+            out,
+            "--classes",
+            "a,b,c",
+            "--per-class",
+            "60",
+            "--concurrency",
+            "3",
+            "--worker",
+            w,
+            "--shard-size",
+            "10",
+        )
+        for w in ("w1", "w2", "w3")
+    ]
     results = [p.communicate(timeout=120) for p in procs]
-    for proc, (stdout, stderr) in zip(procs, results):
+    for proc, (_stdout, stderr) in zip(procs, results):
         assert proc.returncode == 0, stderr
     printed = [line for stdout, _ in results for line in stdout.split()]
     assert len(printed) == len(set(printed))  # distinct shard names
     data = assert_clean(out, {"a": 60, "b": 60, "c": 60})
     assert sorted(map(str, data["shards"])) == sorted(printed)
     # Exact quota with 9 images per call needs surplus drops, never an overshoot.
-    rerun = cli("mine", "--api", "craiyon", "--url", server.url, "-o", out, *FAST, "--classes", "a,b,c",
-                "--per-class", "60", "--worker", "w1")
+    rerun = cli(
+        "mine",
+        "--api",
+        "craiyon",
+        "--url",
+        server.url,
+        "-o",
+        out,
+        *FAST,
+        "--classes",
+        "a,b,c",
+        "--per-class",
+        "60",
+        "--worker",
+        "w1",
+    )
     assert rerun.exit_code == 0 and "nothing to do" in rerun.stderr

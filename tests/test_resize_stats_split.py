@@ -30,7 +30,7 @@ def test_resize_keeps_columns_and_attributes_and_matches_pillow_lanczos(cli, mak
     assert np.array_equal(out.read("labels"), Shard(src).read("labels"))
     resized = out.read("images")
     assert np.array_equal(out.read("sha256"), pixel_sha256(resized))  # the pixel key follows the pixels
-    reference = np.stack([np.asarray(Image.fromarray(i).resize((16, 16), Image.LANCZOS)) for i in images])
+    reference = np.stack([np.asarray(Image.fromarray(i).resize((16, 16), Image.Resampling.LANCZOS)) for i in images])
     assert np.abs(resized.astype(int) - reference).mean() < 1.0
     chain = json.loads(out.attrs["provenance"])
     assert chain[-1]["step"] == "resize" and chain[-1]["to"] == "16x16"
@@ -46,6 +46,14 @@ def test_resize_upscales_and_refuses_name_collisions(cli, make_shard, tmp_path):
     assert clash.exit_code == 2 and "would both be written" in clash.stderr
     bad = cli("resize", a, "--size", "big", "-o", tmp_path / "z")
     assert bad.exit_code == 2 and "bad size 'big'" in bad.stderr
+
+
+def test_resize_of_an_empty_shard_writes_an_empty_shard(cli, make_shard, tmp_path):
+    src = make_shard("e.h5", n=0, size=(8, 8))
+    result = cli("resize", src, "--size", "4", "-o", tmp_path / "small")
+    assert result.exit_code == 0, result.stderr
+    out = Shard(tmp_path / "small" / "e.h5")
+    assert len(out) == 0 and out.image_size == (4, 4)
 
 
 def test_stats_match_numpy_on_the_same_pixels(cli, make_shard):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -65,7 +66,7 @@ def test_writer_rejects_wrong_size_and_inconsistent_columns(tmp_path):
 
 
 def test_series_writer_rolls_over_and_reports_each_shard(tmp_path):
-    done = []
+    done: list[Path] = []
     with ShardSeriesWriter(
         tmp_path, shard_size=10, classes=CLASSES3, image_size=(8, 8), producer="t", on_shard=done.append
     ) as w:
@@ -165,6 +166,7 @@ def test_kill_9_during_write_never_leaves_a_half_shard(tmp_path, make_shard):
             w.add_batch(np.zeros((50, 64, 64, 3), np.uint8), np.zeros(50))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
     assert proc.stdout.readline().strip() == b"writing"
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)

@@ -28,6 +28,13 @@ def no_partials(*directories: Path) -> bool:
     return not [p for d in directories if d.exists() for p in d.rglob("*.partial")]
 
 
+def manifest_of(directory: Path) -> dict:
+    """The directory's manifest, which it must have."""
+    manifest = read_manifest(directory)
+    assert manifest is not None, f"{directory}: no manifest"
+    return manifest
+
+
 def check_intact(directory: Path) -> int:
     """Every shard the manifest lists opens and has the count it says; returns the images."""
     manifest = read_manifest(directory)
@@ -70,14 +77,14 @@ def test_import_on_a_full_disk_is_one_line_exit_1_and_keeps_finished_shards(cli,
     finished = shard_names(out)
     assert finished and result.lines == [str(out / n) for n in finished]  # announced ones are kept
     assert check_intact(out) == 100 * len(finished)
-    assert read_manifest(out)["complete"] is False
+    assert manifest_of(out)["complete"] is False
     refused = cli("stats", out)
     assert refused.exit_code == 2 and "incomplete" in refused.stderr and "--allow-incomplete" in refused.stderr
     # Free space (a bigger disk) and rerun the same command: it resumes and completes.
     subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
     again = cli("import", "--sample", "--shard-size", "100", "-o", out)
     assert again.exit_code == 0, again.stderr
-    assert "resumed" in again.stderr and check_intact(out) == 400 and read_manifest(out)["complete"]
+    assert "resumed" in again.stderr and check_intact(out) == 400 and manifest_of(out)["complete"]
 
 
 @pytest.mark.parametrize("command", ["resize", "split"])
@@ -188,7 +195,7 @@ def test_kill_9_mid_import_then_readers_refuse_and_a_rerun_resumes_exactly(cli, 
     a, b = open_shards([out]), open_shards([whole])
     for column in ("sha256", "labels", "origin", "source"):
         assert np.array_equal(a.read(column), b.read(column)), column
-    assert read_manifest(out)["images"] == read_manifest(whole)["images"] == len(b)
+    assert manifest_of(out)["images"] == manifest_of(whole)["images"] == len(b)
     # Done: the same command again changes nothing and says so.
     done = cli("import", CIFAKE_SAMPLE, "--shard-size", "60", "--dedup", "-o", out)
     assert done.exit_code == 0 and "nothing to do" in done.stderr and len(done.lines) == len(shard_names(out))
@@ -237,7 +244,7 @@ def test_kill_9_mid_resize_or_split_then_rerun_resumes(cli, tmp_path, command):
     for part in parts:
         a, b = open_shards([out / part]), open_shards([reference / part])
         assert len(a) == len(b) and np.array_equal(a.read("images"), b.read("images")), part
-        assert read_manifest(out / part)["complete"]
+        assert manifest_of(out / part)["complete"]
     assert no_partials(out)
 
 
@@ -358,6 +365,6 @@ def test_sigterm_mid_import_exits_143_cleanly_and_the_rerun_resumes(cli, tmp_pat
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "fakecifar import: error: terminated (SIGTERM)"
     assert no_partials(out) and shard_names(out) == ["shard-00000.h5", "shard-00001.h5"]
-    assert check_intact(out) == 120 and not read_manifest(out)["complete"]
+    assert check_intact(out) == 120 and not manifest_of(out)["complete"]
     again = cli("import", "--sample", "--shard-size", "60", "-o", out)
     assert again.exit_code == 0 and "resumed: 2 shard(s)" in again.stderr and check_intact(out) == 400

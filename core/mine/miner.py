@@ -39,8 +39,18 @@ import numpy as np
 from ..errors import BadImageError, FakecifarError, UsageError
 from ..images import MAX_PIXELS, decode_image
 from ..shards import ORIGIN_FAKE, ShardSeriesWriter, pixel_sha256, producer, utc_now
-from .adapters import (Adapter, ApiError, ApiOptions, BadResponse, Generated, Job, Secret, Verdict,
-                       adapter_class, redact_url)
+from .adapters import (
+    Adapter,
+    ApiError,
+    ApiOptions,
+    BadResponse,
+    Generated,
+    Job,
+    Secret,
+    Verdict,
+    adapter_class,
+    redact_url,
+)
 from .pacing import MAX_HONOURED_WAIT, Aimd, TokenBucket, backoff_delay
 from .phash import hamming, phash
 from .state import MineState, digest32
@@ -56,6 +66,8 @@ class MineInterrupted(FakecifarError):
     def __init__(self, message: str, hint: str | None = None, signum: int = signal.SIGINT):
         super().__init__(message, hint)
         self.exit_code = 128 + int(signum)
+
+
 DEFAULT_MAX_BYTES = 64 << 20
 
 
@@ -100,17 +112,27 @@ def check_config(config: MineConfig) -> None:
         if not template.strip():
             raise UsageError("empty --prompt template")
         if "{class}" not in template and len(config.classes) > 1:
-            raise UsageError(f"--prompt {template!r} has no {{class}}, so every class would get the same prompt",
-                             "put {class} where the class name goes, or mine a single class with --classes NAME")
-    checks = [("--shard-size", config.shard_size, 1), ("--retries", config.retries, 0),
-              ("--max-failures", config.max_failures, 1), ("--max-bytes", config.max_bytes, 1024)]
+            raise UsageError(
+                f"--prompt {template!r} has no {{class}}, so every class would get the same prompt",
+                "put {class} where the class name goes, or mine a single class with --classes NAME",
+            )
+    checks = [
+        ("--shard-size", config.shard_size, 1),
+        ("--retries", config.retries, 0),
+        ("--max-failures", config.max_failures, 1),
+        ("--max-bytes", config.max_bytes, 1024),
+    ]
     for name, value, low in checks:
         if value < low:
             raise UsageError(f"{name} must be at least {low}, got {value}")
-    for name, value in (("--rate", config.rate), ("--timeout", config.timeout), ("--max-minutes", config.max_minutes),
-                        ("--backoff", config.backoff)):
-        if value is not None and not value > 0:
-            raise UsageError(f"{name} must be positive, got {value}")
+    for name, amount in (
+        ("--rate", config.rate),
+        ("--timeout", config.timeout),
+        ("--max-minutes", config.max_minutes),
+        ("--backoff", config.backoff),
+    ):
+        if amount is not None and not amount > 0:
+            raise UsageError(f"{name} must be positive, got {amount}")
     if config.concurrency is not None and not 1 <= config.concurrency <= 256:
         raise UsageError(f"--concurrency must be 1..256, got {config.concurrency}")
     if config.max_requests is not None and config.max_requests < 1:
@@ -170,17 +192,35 @@ class MineReport:
     def to_dict(self) -> dict:
         rate = lambda r: None if math.isinf(r) else round(r, 4)  # noqa: E731
         return {
-            "api": self.api, "url": self.url, "out_dir": self.out_dir, "worker": self.worker, "run": self.run,
-            "stop": self.stop, "error": self.error, "requests": self.requests, "ok_requests": self.ok_requests,
-            "images": self.images, "images_received": self.images_received, "duplicates": self.duplicates,
-            "near_duplicates": self.near_duplicates, "surplus": self.surplus, "bad_images": self.bad_images,
-            "rate_limited": self.rate_limited, "retries": self.retries, "failed_requests": self.failed_requests,
-            "failures": dict(sorted(self.failures.items())), "elapsed_s": round(self.elapsed, 3),
+            "api": self.api,
+            "url": self.url,
+            "out_dir": self.out_dir,
+            "worker": self.worker,
+            "run": self.run,
+            "stop": self.stop,
+            "error": self.error,
+            "requests": self.requests,
+            "ok_requests": self.ok_requests,
+            "images": self.images,
+            "images_received": self.images_received,
+            "duplicates": self.duplicates,
+            "near_duplicates": self.near_duplicates,
+            "surplus": self.surplus,
+            "bad_images": self.bad_images,
+            "rate_limited": self.rate_limited,
+            "retries": self.retries,
+            "failed_requests": self.failed_requests,
+            "failures": dict(sorted(self.failures.items())),
+            "elapsed_s": round(self.elapsed, 3),
             "images_per_s": round(self.images_per_s, 3),
             "mean_latency_s": None if self.mean_latency is None else round(self.mean_latency, 4),
-            "start_rate": rate(self.start_rate), "final_rate": rate(self.final_rate),
-            "shards": [str(p) for p in self.shards], "per_class": self.per_class, "missing": self.missing,
-            "other_workers": self.others, "removed_partials": self.removed_partials,
+            "start_rate": rate(self.start_rate),
+            "final_rate": rate(self.final_rate),
+            "shards": [str(p) for p in self.shards],
+            "per_class": self.per_class,
+            "missing": self.missing,
+            "other_workers": self.others,
+            "removed_partials": self.removed_partials,
             "last_failure": self.last_failure,
         }
 
@@ -189,8 +229,11 @@ class MineReport:
         if self.exception is not None:
             raise self.exception
         if self.stop == "interrupted":
-            raise MineInterrupted(_signal_word(self.signum), f"{self.missing} images still missing; rerun the same "
-                                  "command to continue", signum=self.signum)
+            raise MineInterrupted(
+                _signal_word(self.signum),
+                f"{self.missing} images still missing; rerun the same command to continue",
+                signum=self.signum,
+            )
         return self
 
 
@@ -215,9 +258,15 @@ class Miner:
     """Use as a context manager: `prepare()` takes the lock and reads the folder (returns the
     number of images missing), `run()` mines and returns a `MineReport`."""
 
-    def __init__(self, config: MineConfig, *, on_shard: Callable[[Path], None] | None = None,
-                 on_progress: Callable[[int], None] | None = None,
-                 on_message: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: MineConfig,
+        *,
+        on_shard: Callable[[Path], None] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        on_message: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         check_config(config)
         self.config = config
         self.adapter: Adapter = adapter_class(config.api)(config.url, config.options, config.api_key)
@@ -232,10 +281,17 @@ class Miner:
         self.concurrency = config.concurrency or a.default_concurrency
         self.timeout = config.timeout or a.default_timeout
         self.per_call = a.images_per_call()
-        self.state = MineState(config.out_dir, config.classes, config.per_class, config.worker,
-                               phash=config.dedup_phash is not None)
-        self.report = MineReport(api=a.name, url=redact_url(a.base), out_dir=str(config.out_dir),
-                                 worker=config.worker, run=self.state.run, start_rate=self.bucket.rate)
+        self.state = MineState(
+            config.out_dir, config.classes, config.per_class, config.worker, phash=config.dedup_phash is not None
+        )
+        self.report = MineReport(
+            api=a.name,
+            url=redact_url(a.base),
+            out_dir=str(config.out_dir),
+            worker=config.worker,
+            run=self.state.run,
+            start_rate=self.bucket.rate,
+        )
         self._rng = random.Random(config.seed)
         self._seed_rng: random.Random | None = None
         self._lock = threading.Lock()  # report counters touched by worker threads
@@ -291,14 +347,34 @@ class Miner:
 
     def _provenance(self) -> list:
         c, o = self.config, self.config.options
-        options = {k: v for k, v in (("size", list(o.size) if o.size else None), ("batch", o.batch),
-                                     ("steps", o.steps), ("cfg_scale", o.cfg_scale), ("sampler", o.sampler))
-                   if v is not None}
-        return [{"step": "mine", "api": self.adapter.name, "url": redact_url(self.adapter.base),
-                 "model": self.adapter.model_name(), "prompts": list(c.prompts),
-                 "negative_prompt": o.negative_prompt, "options": options, "per_class": c.per_class,
-                 "worker": c.worker, "run": self.state.run, "host": socket.gethostname(), "pid": os.getpid(),
-                 "started": utc_now()}]
+        options = {
+            k: v
+            for k, v in (
+                ("size", list(o.size) if o.size else None),
+                ("batch", o.batch),
+                ("steps", o.steps),
+                ("cfg_scale", o.cfg_scale),
+                ("sampler", o.sampler),
+            )
+            if v is not None
+        }
+        return [
+            {
+                "step": "mine",
+                "api": self.adapter.name,
+                "url": redact_url(self.adapter.base),
+                "model": self.adapter.model_name(),
+                "prompts": list(c.prompts),
+                "negative_prompt": o.negative_prompt,
+                "options": options,
+                "per_class": c.per_class,
+                "worker": c.worker,
+                "run": self.state.run,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": utc_now(),
+            }
+        ]
 
     # ------------------------------------------------------------------ run
 
@@ -317,8 +393,9 @@ class Miner:
             self._finish(started)
             return report
         main_failed = False
-        threads = [threading.Thread(target=self._worker, name=f"mine-{i}", daemon=True)
-                   for i in range(self.concurrency)]
+        threads = [
+            threading.Thread(target=self._worker, name=f"mine-{i}", daemon=True) for i in range(self.concurrency)
+        ]
         for t in threads:
             t.start()
         try:
@@ -340,8 +417,9 @@ class Miner:
         except KeyboardInterrupt:
             # A KeyboardInterrupt can land anywhere, even inside HDF5: drop the open shard.
             self._halt("interrupted")
-            report.exception = MineInterrupted("interrupted", "the unfinished shard was dropped; rerun the "
-                                                              "same command to continue")
+            report.exception = MineInterrupted(
+                "interrupted", "the unfinished shard was dropped; rerun the same command to continue"
+            )
             main_failed = True
         except BaseException as exc:
             # Raised in this thread, possibly while writing: the open shard cannot be trusted.
@@ -420,6 +498,7 @@ class Miner:
                     self._jobs += 1
                     template = c.prompts[self._templates[label] % len(c.prompts)]
                     self._templates[label] += 1
+                    assert self._seed_rng is not None  # prepare() made it before any job
                     seed = self._seed_rng.randrange(2**31 - 1 - 64)
                     return Job(label, prompt_for(template, c.classes[label]), count, seed, self._jobs)
                 if self._inflight == 0:
@@ -490,7 +569,6 @@ class Miner:
                 pause = a.pause_hint(response)
                 if pause:
                     self.bucket.pause_until(self._clock() + min(pause, MAX_HONOURED_WAIT))
-                verdict = None
                 if 200 <= response.status < 300:
                     try:
                         generated = a.parse(response, job)
@@ -518,8 +596,12 @@ class Miner:
                 return _Outcome(job, failed=verdict.reason)
             wait = verdict.wait
             if wait is not None and wait > MAX_HONOURED_WAIT:
-                self._fail(ApiError(f"the {a.name} API asks to wait {wait:.0f} s before retrying ({verdict.message})",
-                                    "stopping now; rerun the same command later, e.g. from cron"))
+                self._fail(
+                    ApiError(
+                        f"the {a.name} API asks to wait {wait:.0f} s before retrying ({verdict.message})",
+                        "stopping now; rerun the same command later, e.g. from cron",
+                    )
+                )
                 return _Outcome(job, stopped=True)
             if wait is None:
                 wait = backoff_delay(attempt, c.backoff, rng=self._rng)
@@ -569,8 +651,9 @@ class Miner:
                     report.duplicates += 1
                     continue
                 if c.dedup_phash is not None and (
-                        self.state.is_near(item.phash, c.dedup_phash)
-                        or any(hamming(item.phash, a.phash) <= c.dedup_phash for a in accepted)):
+                    self.state.is_near(item.phash, c.dedup_phash)
+                    or any(hamming(item.phash, a.phash) <= c.dedup_phash for a in accepted)
+                ):
                     report.near_duplicates += 1
                     continue
                 if len(accepted) >= reserved:
@@ -598,19 +681,34 @@ class Miner:
         self._empty_streak = 0 if accepted else self._empty_streak + 1
         if self._empty_streak >= c.max_failures and report.exception is None:
             top = ", ".join(f"{k} {v}" for k, v in report.failures.most_common(3))
-            why = (f"failures: {top}; last: {report.last_failure}" if report.last_failure else
-                   f"failures: {top}" if top else
-                   f"{report.duplicates} exact and {report.near_duplicates} near duplicates")
-            self._fail(ApiError(f"the last {self._empty_streak} requests brought no new image ({why})",
-                                "--max-failures sets this limit"))
+            why = (
+                f"failures: {top}; last: {report.last_failure}"
+                if report.last_failure
+                else f"failures: {top}"
+                if top
+                else f"{report.duplicates} exact and {report.near_duplicates} near duplicates"
+            )
+            self._fail(
+                ApiError(
+                    f"the last {self._empty_streak} requests brought no new image ({why})",
+                    "--max-failures sets this limit",
+                )
+            )
 
     def _series_for(self, size: tuple[int, int]) -> ShardSeriesWriter:
         series = self._series.get(size)
         if series is None:
             prefix = self.state.prefix if not self._series else f"{self.state.prefix}-{size[0]}x{size[1]}"
-            series = ShardSeriesWriter(self.config.out_dir, shard_size=self.config.shard_size,
-                                       classes=self.config.classes, image_size=size, producer=producer("mine"),
-                                       prefix=prefix, provenance=self._provenance(), on_shard=self._shard_done)
+            series = ShardSeriesWriter(
+                self.config.out_dir,
+                shard_size=self.config.shard_size,
+                classes=self.config.classes,
+                image_size=size,
+                producer=producer("mine"),
+                prefix=prefix,
+                provenance=self._provenance(),
+                on_shard=self._shard_done,
+            )
             self._series[size] = series
         return series
 
@@ -626,16 +724,32 @@ class Miner:
         for item in items:
             by_size.setdefault(item.image.shape[:2], []).append(item)
         for size, group in by_size.items():
-            source = [json.dumps({"api": a.name, "model": it.gen.model or a.model_name(),
-                                  "request_id": it.gen.request_id, "time": it.time, "worker": self.config.worker,
-                                  "run": self.state.run, "job": job.number, **it.gen.extra}, sort_keys=True)
-                      for it in group]
+            source = [
+                json.dumps(
+                    {
+                        "api": a.name,
+                        "model": it.gen.model or a.model_name(),
+                        "request_id": it.gen.request_id,
+                        "time": it.time,
+                        "worker": self.config.worker,
+                        "run": self.state.run,
+                        "job": job.number,
+                        **it.gen.extra,
+                    },
+                    sort_keys=True,
+                )
+                for it in group
+            ]
             self._series_for(size).add_batch(
-                np.stack([it.image for it in group]), np.full(len(group), job.label, np.int16),
-                prompt=[job.prompt] * len(group), seed=np.array([it.gen.seed for it in group], np.int64),
-                source=source, sha256=np.array([it.sha for it in group], dtype="S32"),
+                np.stack([it.image for it in group]),
+                np.full(len(group), job.label, np.int16),
+                prompt=[job.prompt] * len(group),
+                seed=np.array([it.gen.seed for it in group], np.int64),
+                source=source,
+                sha256=np.array([it.sha for it in group], dtype="S32"),
                 origin=np.full(len(group), ORIGIN_FAKE, np.uint8),
-                phash=np.array([it.phash for it in group], dtype=np.uint64))
+                phash=np.array([it.phash for it in group], dtype=np.uint64),
+            )
 
     def _close_series(self, failed: bool) -> None:
         """Finish every open shard with what it holds (abort only after an internal error)."""

@@ -33,8 +33,8 @@ class TokenBucket:
 
     So any n+1 starts span at least n/rate seconds, and no window of W seconds -- counted the
     way rate limiters count, over (now - W, now] -- ever holds more than rate*W starts: R in
-    any second for `--rate R`, 200 in any minute for 3.33/s. Nothing accrues while idle (a
-    bucket deeper than one token would let rate+1 or more starts into one window).
+    any second for `--rate R`, 200 in any minute at 200/60 per second. Nothing accrues while
+    idle (a bucket deeper than one token would let rate+1 or more starts into one window).
 
     `rate=None` (or inf) means unlimited. `pause_until(t)` holds every caller until the
     monotonic time t (a server's Retry-After applies to the whole client, not one thread).

@@ -249,7 +249,9 @@ class MineState:
             if not alive:
                 continue
             workers.append(worker)
-            claims = info.get("claims") if isinstance(info.get("claims"), dict) else {}
+            claims = info.get("claims")
+            if not isinstance(claims, dict):
+                claims = {}
             for i, name in enumerate(self.classes):
                 value = claims.get(name, 0)
                 if isinstance(value, int) and value > 0:

@@ -34,8 +34,15 @@ def short_reason(exc: BaseException) -> str:
     match = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
     if match:
         return match.group(0).strip()
-    for needle in ("timed out", "Connection refused", "Connection reset", "Name or service not known",
-                   "IncompleteRead", "Remote end closed connection", "certificate verify failed"):
+    for needle in (
+        "timed out",
+        "Connection refused",
+        "Connection reset",
+        "Name or service not known",
+        "IncompleteRead",
+        "Remote end closed connection",
+        "certificate verify failed",
+    ):
         if needle.lower() in text.lower():
             return needle
     return type(exc).__name__
@@ -68,25 +75,40 @@ def fetch(session: requests.Session, request: Request, headers: dict, *, timeout
     where = redact_url(request.url)
     start = time.monotonic()
     try:
-        r = session.request(request.method, request.url, json=request.json, headers={**request.headers, **headers},
-                            timeout=(min(timeout, 30.0), timeout), stream=True, allow_redirects=False)
+        r = session.request(
+            request.method,
+            request.url,
+            json=request.json,
+            headers={**request.headers, **headers},
+            timeout=(min(timeout, 30.0), timeout),
+            stream=True,
+            allow_redirects=False,
+        )
     except requests.exceptions.SSLError as exc:
-        raise TransportError("tls", f"TLS error talking to {where}: {short_reason(exc)}", retryable=False,
-                             fatal=True) from None
+        raise TransportError(
+            "tls", f"TLS error talking to {where}: {short_reason(exc)}", retryable=False, fatal=True
+        ) from None
     except requests.exceptions.ConnectTimeout:
         raise TransportError("timeout", f"{where}: connection timed out") from None
     except requests.exceptions.ReadTimeout:
         raise TransportError("timeout", f"{where}: no answer within {timeout:g} s") from None
-    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
-            requests.exceptions.InvalidHeader) as exc:
+    except (
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidHeader,
+    ) as exc:
         raise TransportError("bad_url", f"{where}: {short_reason(exc)}", retryable=False, fatal=True) from None
     except (requests.exceptions.RequestException, OSError) as exc:
         raise TransportError("connection", f"{where}: {short_reason(exc)}") from None
     try:
         length = r.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_bytes:
-            raise TransportError("too_large", f"{where}: response of {int(length):,} bytes exceeds the "
-                                              f"{max_bytes:,}-byte limit", retryable=False)
+            raise TransportError(
+                "too_large",
+                f"{where}: response of {int(length):,} bytes exceeds the {max_bytes:,}-byte limit",
+                retryable=False,
+            )
         chunks, total = [], 0
         read1 = getattr(r.raw, "read1", None)
         while True:
@@ -98,15 +120,21 @@ def fetch(session: requests.Session, request: Request, headers: dict, *, timeout
                 break
             total += len(chunk)
             if total > max_bytes:
-                raise TransportError("too_large", f"{where}: response exceeds the {max_bytes:,}-byte limit",
-                                     retryable=False)
+                raise TransportError(
+                    "too_large", f"{where}: response exceeds the {max_bytes:,}-byte limit", retryable=False
+                )
             chunks.append(chunk)
     except TransportError:
         raise
     except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout, TimeoutError):
         raise TransportError("timeout", f"{where}: no data for {timeout:g} s") from None
-    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.ConnectionError, http.client.HTTPException) as exc:
+    except (
+        urllib3.exceptions.ProtocolError,
+        urllib3.exceptions.DecodeError,
+        requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.ConnectionError,
+        http.client.HTTPException,
+    ) as exc:
         raise TransportError("truncated", f"{where}: response cut short ({short_reason(exc)})") from None
     except (requests.exceptions.RequestException, OSError) as exc:
         raise TransportError("connection", f"{where}: {short_reason(exc)}") from None
