@@ -48,8 +48,22 @@ CLASSES = 10
 
 
 def start_server(args, rate_limit: float, limiter: str = "bucket") -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, str(ROOT / "tests" / "mine_server.py"), "--api", "craiyon", "--latency", str(args.latency),
-           "--images", "9", "--size", str(args.size), "--rate-limit", str(rate_limit), "--limiter", limiter]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "mine_server.py"),
+        "--api",
+        "craiyon",
+        "--latency",
+        str(args.latency),
+        "--images",
+        "9",
+        "--size",
+        str(args.size),
+        "--rate-limit",
+        str(rate_limit),
+        "--limiter",
+        limiter,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
@@ -94,13 +108,46 @@ print(json.dumps(report.to_dict()))
 def run_miner(args, url: str, out: Path, rate: float, seconds: float, margin: float | None = None) -> dict:
     per_class = max(9, int(round(9 * args.rate * seconds / CLASSES / 9)) * 9)  # whole calls: no surplus
     if margin is None:
-        cmd = [sys.executable, "-m", "fakecifar", "-q", "mine", "--api", "craiyon", "--url", url, "-o", str(out),
-               "--per-class", str(per_class), "--rate", str(rate), "--concurrency", str(args.concurrency),
-               "--shard-size", "500", "--retries", "20", "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fakecifar",
+            "-q",
+            "mine",
+            "--api",
+            "craiyon",
+            "--url",
+            url,
+            "-o",
+            str(out),
+            "--per-class",
+            str(per_class),
+            "--rate",
+            str(rate),
+            "--concurrency",
+            str(args.concurrency),
+            "--shard-size",
+            "500",
+            "--retries",
+            "20",
+            "--json",
+        ]
     else:
-        cmd = [sys.executable, "-c", MARGIN_RUNNER, json.dumps(
-            {"url": url, "out": str(out), "per_class": per_class, "rate": rate, "concurrency": args.concurrency,
-             "margin": margin})]
+        cmd = [
+            sys.executable,
+            "-c",
+            MARGIN_RUNNER,
+            json.dumps(
+                {
+                    "url": url,
+                    "out": str(out),
+                    "per_class": per_class,
+                    "rate": rate,
+                    "concurrency": args.concurrency,
+                    "margin": margin,
+                }
+            ),
+        ]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     samples: list[tuple[float, float]] = []
@@ -121,9 +168,15 @@ def run_miner(args, url: str, out: Path, rate: float, seconds: float, margin: fl
         raise SystemExit(f"miner failed ({proc.returncode}): {stderr.strip()}")
     summary = json.loads(stdout.strip().splitlines()[-1])
     early = [v for t, v in samples if t >= 0.1 * wall] or [v for _, v in samples]
-    return {"summary": summary, "wall": wall, "per_class": per_class, "stderr": stderr,
-            "rss_early": early[0] if early else None, "rss_end": samples[-1][1] if samples else None,
-            "rss_peak": max((v for _, v in samples), default=None)}
+    return {
+        "summary": summary,
+        "wall": wall,
+        "per_class": per_class,
+        "stderr": stderr,
+        "rss_early": early[0] if early else None,
+        "rss_end": samples[-1][1] if samples else None,
+        "rss_peak": max((v for _, v in samples), default=None),
+    }
 
 
 def check_images(out: Path, served: list[str]) -> dict:
@@ -136,9 +189,13 @@ def check_images(out: Path, served: list[str]) -> dict:
         stored += [bytes(s).ljust(32, b"\0").hex() for s in shard.read("sha256")]
         shard.close()
     stored_set, served_set = set(stored), set(served)
-    return {"stored": len(stored), "duplicated": len(stored) - len(stored_set),
-            "lost": len(served_set - stored_set), "unknown": len(stored_set - served_set),
-            "served_dupes": len(served) - len(served_set)}
+    return {
+        "stored": len(stored),
+        "duplicated": len(stored) - len(stored_set),
+        "lost": len(served_set - stored_set),
+        "unknown": len(stored_set - served_set),
+        "served_dupes": len(served) - len(served_set),
+    }
 
 
 def steady_rate(stats: dict, images_per_call: int = 9) -> float:
@@ -173,8 +230,9 @@ def naive_client(url: str, seconds: float) -> float:
     return images / (time.monotonic() - start)
 
 
-def scenario(args, name: str, client_rate: float, seconds: float, tmp: Path, limiter: str = "bucket",
-             margin: float | None = None) -> dict:
+def scenario(
+    args, name: str, client_rate: float, seconds: float, tmp: Path, limiter: str = "bucket", margin: float | None = None
+) -> dict:
     proc, url = start_server(args, args.rate, limiter)
     try:
         out = tmp / name
@@ -186,14 +244,25 @@ def scenario(args, name: str, client_rate: float, seconds: float, tmp: Path, lim
     s = result["summary"]
     ceiling = 9 * args.rate
     result.update(check_images(out, stats["served_sha"]))
-    result.update({
-        "name": name, "client_rate": client_rate, "images": s["images"], "elapsed": s["elapsed_s"],
-        "images_per_s": s["images_per_s"], "efficiency": s["images_per_s"] / ceiling,
-        "steady": steady_rate(stats), "steady_efficiency": steady_rate(stats) / ceiling,
-        "requests": s["requests"], "rate_limited": s["rate_limited"], "final_rate": s["final_rate"],
-        "mean_latency": s["mean_latency_s"], "margin": margin, "busiest": busiest_second(stats["arrivals"]),
-        "cuts": result["stderr"].count("slowing down"),
-    })
+    result.update(
+        {
+            "name": name,
+            "client_rate": client_rate,
+            "images": s["images"],
+            "elapsed": s["elapsed_s"],
+            "images_per_s": s["images_per_s"],
+            "efficiency": s["images_per_s"] / ceiling,
+            "steady": steady_rate(stats),
+            "steady_efficiency": steady_rate(stats) / ceiling,
+            "requests": s["requests"],
+            "rate_limited": s["rate_limited"],
+            "final_rate": s["final_rate"],
+            "mean_latency": s["mean_latency_s"],
+            "margin": margin,
+            "busiest": busiest_second(stats["arrivals"]),
+            "cuts": result["stderr"].count("slowing down"),
+        }
+    )
     return result
 
 
@@ -210,8 +279,11 @@ def main() -> None:
     parser.add_argument("--strict-only", action="store_true", help="only the strict-window pair")
     args = parser.parse_args()
     ceiling = 9 * args.rate
-    print(f"server: latency {args.latency:g} s, 9 images/call, hard limit {args.rate:g} requests/s "
-          f"-> ceiling {ceiling:g} images/s; {os.cpu_count()} CPUs, Python {platform.python_version()}", flush=True)
+    print(
+        f"server: latency {args.latency:g} s, 9 images/call, hard limit {args.rate:g} requests/s "
+        f"-> ceiling {ceiling:g} images/s; {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench_mine_") as tmpdir:
         tmp = Path(tmpdir)
@@ -233,8 +305,11 @@ def main() -> None:
         for name, margin in (("before", 0.0), ("now", PACING_MARGIN)):
             strict.append(scenario(args, f"strict-{name}", args.rate, args.strict_seconds, tmp, "window", margin))
             r = strict[-1]
-            print(f"miner --rate {args.rate:g} vs a strict window, margin {margin:g}: {r['rate_limited']} 429s, "
-                  f"{r['steady_efficiency'] * args.rate:.3f} requests/s", flush=True)
+            print(
+                f"miner --rate {args.rate:g} vs a strict window, margin {margin:g}: {r['rate_limited']} 429s, "
+                f"{r['steady_efficiency'] * args.rate:.3f} requests/s",
+                flush=True,
+            )
 
     if runs:
         lenient_table(args, runs, naive)
@@ -247,56 +322,115 @@ def print_table(header: tuple, rows: list[tuple]) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
 
 
-def lenient_table(args, runs: list[dict], naive: float) -> None:
+def lenient_table(args, runs: list[dict], naive: float | None) -> None:
     ceiling = 9 * args.rate
     print("\nagainst a token bucket with a second of burst:")
-    header = ("run", "--rate", "images", "s", "img/s", "of ceiling", "steady", "429s", "requests", "lost", "dup",
-              "RSS MiB early->end (peak)")
+    header = (
+        "run",
+        "--rate",
+        "images",
+        "s",
+        "img/s",
+        "of ceiling",
+        "steady",
+        "429s",
+        "requests",
+        "lost",
+        "dup",
+        "RSS MiB early->end (peak)",
+    )
     rows = []
     for r in runs:
-        rows.append((r["name"], f"{r['client_rate']:g}", r["images"], f"{r['elapsed']:.1f}", f"{r['images_per_s']:.2f}",
-                     f"{100 * r['efficiency']:.1f}%", f"{100 * r['steady_efficiency']:.1f}%", r["rate_limited"],
-                     r["requests"], r["lost"], r["duplicated"],
-                     f"{r['rss_early']:.0f}->{r['rss_end']:.0f} ({r['rss_peak']:.0f})"))
+        rows.append(
+            (
+                r["name"],
+                f"{r['client_rate']:g}",
+                r["images"],
+                f"{r['elapsed']:.1f}",
+                f"{r['images_per_s']:.2f}",
+                f"{100 * r['efficiency']:.1f}%",
+                f"{100 * r['steady_efficiency']:.1f}%",
+                r["rate_limited"],
+                r["requests"],
+                r["lost"],
+                r["duplicated"],
+                f"{r['rss_early']:.0f}->{r['rss_end']:.0f} ({r['rss_peak']:.0f})",
+            )
+        )
     print_table(header, rows)
     known = runs[0]
     ratio = known["images_per_s"] / naive if naive else float("inf")
     print(f"\nnaive sequential client: {naive:.2f} images/s; the miner is {ratio:.1f}x faster")
     ok = known["efficiency"] >= 0.95 and all(r["lost"] == 0 and r["duplicated"] == 0 for r in runs)
     print(f"goal (>= 95% of the ceiling, nothing lost or duplicated): {'met' if ok else 'NOT met'}")
-    unknown = (f", limit unknown (--rate {2 * args.rate:g}, AIMD) {100 * runs[1]['efficiency']:.1f}% "
-               f"(steady {100 * runs[1]['steady_efficiency']:.1f}%, {runs[1]['rate_limited']} 429s)"
-               if len(runs) > 1 else "")
+    unknown = (
+        f", limit unknown (--rate {2 * args.rate:g}, AIMD) {100 * runs[1]['efficiency']:.1f}% "
+        f"(steady {100 * runs[1]['steady_efficiency']:.1f}%, {runs[1]['rate_limited']} 429s)"
+        if len(runs) > 1
+        else ""
+    )
     print("\nfor bench/RESULTS.md:")
-    print(f"| {dt.date.today()} | bench_mine | R={args.rate:g} req/s, latency {args.latency:g} s, 9 img/call, "
-          f"{os.cpu_count()} CPUs | {known['images_per_s']:.2f} img/s = {100 * known['efficiency']:.1f}% of "
-          f"{ceiling:g} (steady {100 * known['steady_efficiency']:.1f}%){unknown}; lost "
-          f"{sum(r['lost'] for r in runs)}, duplicated {sum(r['duplicated'] for r in runs)}; naive sequential "
-          f"{naive:.2f} img/s (miner {ratio:.1f}x); RSS {known['rss_early']:.0f}->{known['rss_end']:.0f} MiB |")
+    print(
+        f"| {dt.date.today()} | bench_mine | R={args.rate:g} req/s, latency {args.latency:g} s, 9 img/call, "
+        f"{os.cpu_count()} CPUs | {known['images_per_s']:.2f} img/s = {100 * known['efficiency']:.1f}% of "
+        f"{ceiling:g} (steady {100 * known['steady_efficiency']:.1f}%){unknown}; lost "
+        f"{sum(r['lost'] for r in runs)}, duplicated {sum(r['duplicated'] for r in runs)}; naive sequential "
+        f"{naive:.2f} img/s (miner {ratio:.1f}x); RSS {known['rss_early']:.0f}->{known['rss_end']:.0f} MiB |"
+    )
 
 
 def strict_table(args, runs: list[dict]) -> None:
     print(f"\nagainst a strict window (at most {args.rate:g} requests in any (t - 1 s, t]), --rate {args.rate:g}:")
-    header = ("pacing", "margin", "requests", "429s", "rate cuts", "final rate", "busiest second", "steady req/s",
-              "of allowed", "img/s", "of ceiling", "lost", "dup")
+    header = (
+        "pacing",
+        "margin",
+        "requests",
+        "429s",
+        "rate cuts",
+        "final rate",
+        "busiest second",
+        "steady req/s",
+        "of allowed",
+        "img/s",
+        "of ceiling",
+        "lost",
+        "dup",
+    )
     rows = []
     for r in runs:
-        rows.append((r["name"].removeprefix("strict-"), f"{r['margin']:g}", r["requests"], r["rate_limited"],
-                     r["cuts"], f"{r['final_rate']:.3g}", r["busiest"], f"{r['steady_efficiency'] * args.rate:.3f}",
-                     f"{100 * r['steady_efficiency']:.1f}%", f"{r['images_per_s']:.2f}",
-                     f"{100 * r['efficiency']:.1f}%", r["lost"], r["duplicated"]))
+        rows.append(
+            (
+                r["name"].removeprefix("strict-"),
+                f"{r['margin']:g}",
+                r["requests"],
+                r["rate_limited"],
+                r["cuts"],
+                f"{r['final_rate']:.3g}",
+                r["busiest"],
+                f"{r['steady_efficiency'] * args.rate:.3f}",
+                f"{100 * r['steady_efficiency']:.1f}%",
+                f"{r['images_per_s']:.2f}",
+                f"{100 * r['efficiency']:.1f}%",
+                r["lost"],
+                r["duplicated"],
+            )
+        )
     print_table(header, rows)
     before, now = runs
-    print(f"\nachieved / allowed (steady requests/s / {args.rate:g}): {before['steady_efficiency']:.3f} before "
-          f"({before['rate_limited']} 429s), {now['steady_efficiency']:.3f} now ({now['rate_limited']} 429s); "
-          f"now / before {now['steady_efficiency'] / before['steady_efficiency']:.3f}")
+    print(
+        f"\nachieved / allowed (steady requests/s / {args.rate:g}): {before['steady_efficiency']:.3f} before "
+        f"({before['rate_limited']} 429s), {now['steady_efficiency']:.3f} now ({now['rate_limited']} 429s); "
+        f"now / before {now['steady_efficiency'] / before['steady_efficiency']:.3f}"
+    )
     print("\nfor bench/RESULTS.md:")
-    print(f"| {dt.date.today()} | bench_mine strict | R={args.rate:g} req/s in any sliding second, latency "
-          f"{args.latency:g} s, {args.strict_seconds:g} s per run, {os.cpu_count()} CPUs | margin 0 (before): "
-          f"{before['rate_limited']} 429s, {before['cuts']} rate cuts, ends at {before['final_rate']:.3g}/s, "
-          f"{100 * before['steady_efficiency']:.1f}% of allowed; margin {now['margin']:g} (now): "
-          f"{now['rate_limited']} 429s, {now['cuts']} cuts, {100 * now['steady_efficiency']:.1f}% of allowed, "
-          f"busiest second {now['busiest']} |")
+    print(
+        f"| {dt.date.today()} | bench_mine strict | R={args.rate:g} req/s in any sliding second, latency "
+        f"{args.latency:g} s, {args.strict_seconds:g} s per run, {os.cpu_count()} CPUs | margin 0 (before): "
+        f"{before['rate_limited']} 429s, {before['cuts']} rate cuts, ends at {before['final_rate']:.3g}/s, "
+        f"{100 * before['steady_efficiency']:.1f}% of allowed; margin {now['margin']:g} (now): "
+        f"{now['rate_limited']} 429s, {now['cuts']} cuts, {100 * now['steady_efficiency']:.1f}% of allowed, "
+        f"busiest second {now['busiest']} |"
+    )
 
 
 if __name__ == "__main__":

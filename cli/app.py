@@ -19,7 +19,7 @@ from typer._click import exceptions as click_exceptions
 
 from fakecifar import __version__
 
-from . import confusion, detect, eval, import_, mine, resize, split, stats, train
+from . import confusion, detect, eval, import_, mine, resize, serve, split, stats, train
 from .common import Settings
 
 app = typer.Typer(
@@ -49,6 +49,7 @@ COMMANDS = {  # in the order of a study: get data, prepare it, train, evaluate, 
     "train": train,
     "eval": eval,
     "confusion": confusion,
+    "serve": serve,
     "detect": detect,
 }
 

@@ -148,7 +148,7 @@ class MineServer:
         self.calls = 0  # generation calls answered normally
         self.ok_times: list[float] = []  # when each successful answer was sent (monotonic)
         self.arrivals: list[float] = []  # when each generation request arrived (monotonic), 429s included
-        self._bucket = _limiter(self.config.limiter, self.config.rate_limit)
+        self._rate_limiter = _limiter(self.config.limiter, self.config.rate_limit)
         handler = type("Handler", (_Handler,), {"srv": self})
         self.httpd = _Server(("127.0.0.1", port), handler)
         self.thread: threading.Thread | None = None
@@ -156,12 +156,12 @@ class MineServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def set_rate_limit(self, rate: float | None, limiter: str | None = None) -> None:
         self.config.rate_limit = rate
         self.config.limiter = limiter or self.config.limiter
-        self._bucket = _limiter(self.config.limiter, rate)
+        self._rate_limiter = _limiter(self.config.limiter, rate)
 
     def start(self) -> MineServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -180,10 +180,16 @@ class MineServer:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"requests": self.requests, "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-                    "served": len(self.served), "served_unique": len(set(self.served)),
-                    "faults": list(self.faults_served), "served_sha": list(self.served),
-                    "ok_times": list(self.ok_times), "arrivals": list(self.arrivals)}
+            return {
+                "requests": self.requests,
+                "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+                "served": len(self.served),
+                "served_unique": len(set(self.served)),
+                "faults": list(self.faults_served),
+                "served_sha": list(self.served),
+                "ok_times": list(self.ok_times),
+                "arrivals": list(self.arrivals),
+            }
 
     # ------------------------------------------------------------------ images
 
@@ -259,6 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
         api = self.srv.config.api
+        obj: dict[str, object]
         if api == "openai":
             obj = {"error": {"message": message, "type": code or "invalid_request_error", "param": None, "code": code}}
         elif api == "a1111":
@@ -279,15 +286,20 @@ class _Handler(BaseHTTPRequestHandler):
         cfg = self.srv.config
         fault = self.srv._next_fault()
         self._fault_now = fault  # for the faults that alter a normal answer (badb64, allbad)
-        if self.srv._bucket is not None and not fault and not self.srv._bucket.take():
+        if self.srv._rate_limiter is not None and not fault and not self.srv._rate_limiter.take():
             headers = {}
             if cfg.retry_after is not None:
                 headers["Retry-After"] = cfg.retry_after
             if cfg.retry_after_ms is not None:
                 headers["retry-after-ms"] = cfg.retry_after_ms
             if cfg.api == "openai":
-                headers.update({"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
-                                "x-ratelimit-reset-requests": "20ms"})
+                headers.update(
+                    {
+                        "x-ratelimit-limit-requests": "60",
+                        "x-ratelimit-remaining-requests": "0",
+                        "x-ratelimit-reset-requests": "20ms",
+                    }
+                )
             self._error(429, "Rate limit reached for requests", "rate_limit_exceeded", headers)
             return
         try:
@@ -318,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
         cfg = self.srv.config
         given = self.headers.get("Authorization") or ""
         if cfg.api == "a1111":
-            expected = "Basic " + base64.b64encode(cfg.api_key.encode()).decode()
+            expected = "Basic " + base64.b64encode((cfg.api_key or "").encode()).decode()
         else:
             expected = f"Bearer {cfg.api_key}"
         if given == expected:
@@ -338,15 +350,22 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "429-nora":
             self._error(429, "Too many requests", "rate_limit_exceeded")
         elif fault in ("html403", "html503"):
-            self._send(int(fault[4:]), CLOUDFLARE_HTML, "text/html; charset=UTF-8",
-                       {"Server": "cloudflare", "CF-RAY": "7d1f2a3b4c5d6e7f-FRA"})
+            self._send(
+                int(fault[4:]),
+                CLOUDFLARE_HTML,
+                "text/html; charset=UTF-8",
+                {"Server": "cloudflare", "CF-RAY": "7d1f2a3b4c5d6e7f-FRA"},
+            )
         elif fault == "html200":
             self._send(200, WEBUI_HTML, "text/html; charset=utf-8")
         elif fault == "badjson":
-            self._send(200, b"{\"images\": [\"abc", "application/json")
+            self._send(200, b'{"images": ["abc', "application/json")
         elif fault == "quota":
-            self._error(429, "You exceeded your current quota, please check your plan and billing details.",
-                        "insufficient_quota")
+            self._error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                "insufficient_quota",
+            )
         elif fault == "401":
             self._error(401, "Invalid authentication", "invalid_api_key")
         elif fault == "400":
@@ -377,7 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
             step = cfg.slow_seconds / 40
             try:
                 for i in range(40):
-                    self.wfile.write(body[i * 100:(i + 1) * 100])
+                    self.wfile.write(body[i * 100 : (i + 1) * 100])
                     self.wfile.flush()
                     time.sleep(step)
                 self.wfile.write(body[4000:])
@@ -419,8 +438,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"images": images, "version": "hk4JLDgjEEWf"})
 
     def _api_a1111(self, body) -> None:
-        spec = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "width": int, "height": int,
-                "batch_size": int, "n_iter": int, "cfg_scale": (int, float), "sampler_name": str}
+        spec: dict[str, type | tuple[type, ...]] = {
+            "prompt": str,
+            "negative_prompt": str,
+            "seed": int,
+            "steps": int,
+            "width": int,
+            "height": int,
+            "batch_size": int,
+            "n_iter": int,
+            "cfg_scale": (int, float),
+            "sampler_name": str,
+        }
         if not isinstance(body, dict):
             self._error(422, "body must be an object")
             return
@@ -445,9 +474,17 @@ class _Handler(BaseHTTPRequestHandler):
             grid = self.srv.make_images(1, h, w * n, "png")[0][0]
             images.insert(0, base64.b64encode(grid).decode())
             first = 1
-        info = {"prompt": body["prompt"], "all_prompts": [body["prompt"]] * n, "seed": seed,
-                "all_seeds": [seed + i for i in range(n)], "sd_model_name": cfg.model,
-                "sd_model_hash": "6ce0161689", "index_of_first_image": first, "width": w, "height": h}
+        info = {
+            "prompt": body["prompt"],
+            "all_prompts": [body["prompt"]] * n,
+            "seed": seed,
+            "all_seeds": [seed + i for i in range(n)],
+            "sd_model_name": cfg.model,
+            "sd_model_hash": "6ce0161689",
+            "index_of_first_image": first,
+            "width": w,
+            "height": h,
+        }
         self._finish_images(encoded, bad)
         self._json(200, {"images": images, "parameters": body, "info": json.dumps(info)})
 
@@ -472,13 +509,23 @@ class _Handler(BaseHTTPRequestHandler):
         cfg = self.srv.config
         encoded = self._images(cfg.images or n, h, w, "png")
         bad = self._pending_bad(len(encoded))
-        data = [{"b64_json": base64.b64encode(d).decode() if i not in bad else "!!!",
-                 **({"revised_prompt": body["prompt"] + ", photo"} if model == "dall-e-3" else {})}
-                for i, (d, _) in enumerate(encoded)]
+        data = [
+            {
+                "b64_json": base64.b64encode(d).decode() if i not in bad else "!!!",
+                **({"revised_prompt": body["prompt"] + ", photo"} if model == "dall-e-3" else {}),
+            }
+            for i, (d, _) in enumerate(encoded)
+        ]
         self._finish_images(encoded, bad)
-        self._json(200, {"created": int(time.time()), "data": data},
-                   {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499",
-                    "x-ratelimit-reset-requests": "120ms"})
+        self._json(
+            200,
+            {"created": int(time.time()), "data": data},
+            {
+                "x-ratelimit-limit-requests": "500",
+                "x-ratelimit-remaining-requests": "499",
+                "x-ratelimit-reset-requests": "120ms",
+            },
+        )
 
     def _api_hf(self, body) -> None:
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), str):
@@ -487,7 +534,7 @@ class _Handler(BaseHTTPRequestHandler):
         params = body.get("parameters") or {}
         cfg = self.srv.config
         h, w = params.get("height", cfg.size), params.get("width", cfg.size)
-        (data, sha), = self._images(1, h, w, "png")
+        ((data, sha),) = self._images(1, h, w, "png")
         if self._pending_bad(1):
             self._send(200, b"\x89PNG garbage", "image/png")
             return
@@ -516,9 +563,17 @@ def main() -> None:
     parser.add_argument("--retry-after", default=None)
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args()
-    config = ServerConfig(api=args.api, latency=args.latency, images=args.images, size=args.size, fmt=args.fmt,
-                          rate_limit=args.rate_limit, limiter=args.limiter, retry_after=args.retry_after,
-                          api_key=args.api_key)
+    config = ServerConfig(
+        api=args.api,
+        latency=args.latency,
+        images=args.images,
+        size=args.size,
+        fmt=args.fmt,
+        rate_limit=args.rate_limit,
+        limiter=args.limiter,
+        retry_after=args.retry_after,
+        api_key=args.api_key,
+    )
     server = MineServer(config, port=args.port)
     print(server.url, flush=True)
     try:
@@ -542,7 +597,9 @@ def folder_contents(folder) -> dict:
 
     folder = Path(folder)
     shards = [Shard(p) for p in sorted(folder.glob("*.h5"))]
-    labels, shas, classes = [], [], None
+    labels: list = []
+    shas: list = []
+    classes = None
     for shard in shards:
         classes = shard.classes
         labels.extend(shard.read("labels").tolist())
@@ -551,5 +608,10 @@ def folder_contents(folder) -> dict:
         shas.extend(bytes(s).ljust(32, b"\0").hex() for s in stored)  # numpy strips trailing NULs
         shard.close()
     counts = {name: labels.count(i) for i, name in enumerate(classes or [])}
-    return {"shards": [s.path for s in shards], "counts": counts, "sha": shas, "n": len(labels),
-            "partials": sorted(folder.glob("*.partial"))}
+    return {
+        "shards": [s.path for s in shards],
+        "counts": counts,
+        "sha": shas,
+        "n": len(labels),
+        "partials": sorted(folder.glob("*.partial")),
+    }

@@ -220,13 +220,25 @@ def test_full_jitter_backoff_is_bounded_and_grows():
     rng = random.Random(1)
     for attempt in range(8):
         values = [backoff_delay(attempt, 0.5, cap=10.0, rng=rng) for _ in range(200)]
-        assert 0 <= min(values) and max(values) <= min(10.0, 0.5 * 2 ** attempt)
-        assert max(values) > 0.7 * min(10.0, 0.5 * 2 ** attempt)  # really spread over the range
+        assert min(values) >= 0 and max(values) <= min(10.0, 0.5 * 2**attempt)
+        assert max(values) > 0.7 * min(10.0, 0.5 * 2**attempt)  # really spread over the range
 
 
-@pytest.mark.parametrize("text,seconds", [("1.5", 1.5), ("20ms", 0.02), ("6m0s", 360.0), ("1h2m3.5s", 3723.5),
-                                          ("0", 0.0), ("", None), ("soon", None), ("-1", None), (None, None),
-                                          ("1s2x", None)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("1.5", 1.5),
+        ("20ms", 0.02),
+        ("6m0s", 360.0),
+        ("1h2m3.5s", 3723.5),
+        ("0", 0.0),
+        ("", None),
+        ("soon", None),
+        ("-1", None),
+        (None, None),
+        ("1s2x", None),
+    ],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
 
@@ -334,9 +346,13 @@ def test_decode_b64_accepts_newlines_and_data_urls_and_refuses_garbage():
 def test_a1111_info_string_gives_seeds_and_model_and_skips_the_grid():
     adapter = adapter_class("a1111")(None, ApiOptions(batch=2))
     request = adapter.build(JOB)
+    assert request.json is not None
     assert request.url == "http://127.0.0.1:7860/sdapi/v1/txt2img" and request.json["batch_size"] == 2
-    images = [base64.b64encode(_png(size=(16, 8))).decode(), base64.b64encode(_png()).decode(),
-              base64.b64encode(_png((1, 2, 3))).decode()]
+    images = [
+        base64.b64encode(_png(size=(16, 8))).decode(),
+        base64.b64encode(_png()).decode(),
+        base64.b64encode(_png((1, 2, 3))).decode(),
+    ]
     info = json.dumps({"all_seeds": [42, 43], "sd_model_name": "dreamshaper", "index_of_first_image": 1})
     out = adapter.parse(_response(body=json.dumps({"images": images, "parameters": {}, "info": info}).encode()), JOB)
     assert [g.seed for g in out] == [42, 43] and {g.model for g in out} == {"dreamshaper"}

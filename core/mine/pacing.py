@@ -42,8 +42,9 @@ class TokenBucket:
     rate from the last one.
     """
 
-    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic, *,
-                 margin: float = PACING_MARGIN):
+    def __init__(
+        self, rate: float | None, clock: Callable[[], float] = time.monotonic, *, margin: float = PACING_MARGIN
+    ):
         self._clock = clock
         self._lock = threading.Lock()
         self._rate = self._checked(rate)
@@ -127,9 +128,16 @@ class Aimd:
     so the rate lingers just under the server's limit instead of sawing down to half of it.
     """
 
-    def __init__(self, bucket: TokenBucket, max_rate: float | None, *, decrease: float = 0.5,
-                 increase: float = 0.02, min_rate: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        bucket: TokenBucket,
+        max_rate: float | None,
+        *,
+        decrease: float = 0.5,
+        increase: float = 0.02,
+        min_rate: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.bucket = bucket
         self.max_rate = math.inf if max_rate is None else float(max_rate)
         self.decrease, self.increase = decrease, increase
@@ -173,8 +181,8 @@ class Aimd:
 
 def backoff_delay(attempt: int, base: float, cap: float = 60.0, rng: random.Random | None = None) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
-    rng = rng or random
-    return rng.uniform(0.0, min(cap, base * (2.0 ** attempt)))
+    uniform = rng.uniform if rng is not None else random.uniform
+    return uniform(0.0, min(cap, base * (2.0**attempt)))
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
