@@ -143,7 +143,8 @@ class _StopSignals:
     """SIGTERM and SIGINT set `requested` (and name the signal) instead of raising, for as
     long as the block runs: the server stops gracefully once, however many signals arrive
     (`timeout` sends SIGTERM to the command and again to its process group). The previous
-    handlers come back on exit. Outside the main thread nothing is installed."""
+    handlers come back on exit. Outside the main thread nothing is installed; a signal the
+    process was started ignoring stays ignored."""
 
     def __init__(self) -> None:
         import threading
@@ -165,7 +166,10 @@ class _StopSignals:
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+                # An ignored SIGINT stays ignored (`fakecifar serve ... &` in a script: the
+                # shell's Ctrl-C is not meant for background jobs).
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:

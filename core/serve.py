@@ -732,13 +732,20 @@ _ERROR_CODES = {
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client sends many requests on one connection
-    server_version = f"fakecifar-serve/{__version__}"
-    sys_version = ""
     server: _HTTPServer
 
+    def version_string(self) -> str:
+        return f"fakecifar-serve/{__version__}"
+
     def setup(self) -> None:
-        self.timeout = self.server.owner.idle_timeout  # applied to the socket by setup()
         super().setup()
+        self.connection.settimeout(self.server.owner.idle_timeout)  # idle or stalled: closed
+        # Headers and body go out as two writes: without this, Nagle's algorithm holds the
+        # body until the client's delayed ACK (40 ms a request on a kept-alive connection).
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass  # our one line per request goes through on_request
@@ -756,6 +763,8 @@ class _Handler(BaseHTTPRequestHandler):
             phrase = HTTPStatus(code).phrase
         except ValueError:
             phrase = "error"
+        if self.request_version == "HTTP/0.9":  # a request line too broken to have a version
+            self.request_version = "HTTP/1.0"  # still gets a status line and headers
         self._send(code, error_body(_ERROR_CODES.get(code, "bad_request"), message or phrase), close=True)
 
     def handle_expect_100(self) -> bool:

@@ -350,7 +350,7 @@ class TorchTeacher(_LocalTeacher):
         assert self.module is not None
         self.module.eval()
         with torch.no_grad():
-            x = torch.from_numpy(images).to(self.device)
+            x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
             return self.module(x).float().cpu().numpy()
 
 

@@ -1,0 +1,336 @@
+"""What a training run is configured by: `TrainConfig` (every knob, stored in the checkpoint for
+--resume), `RUN_SETTINGS` (where it reads and writes: -o, --val, --resume, ...), `RECIPES` and
+`make_config`. Each knob is defined once, here, with its flags, help and validation
+(fakecifar.training.settings); `fakecifar train` and `distill` derive their options from it.
+
+No torch here (the CLI imports this module to build its --help).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .settings import Setting, check_values, parse_numbers, setting, settings_of
+
+SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SOFT_LOSSES = ("kl", "l2")
+FLIPS = ("random", "alternate")
+TARGETS = ("class", "origin", "origin+class")
+
+# The sections of --help, in this order (fakecifar.cli.common.with_settings).
+MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME = (
+    "Model and targets",
+    "Optimization",
+    "Augmentation",
+    "Validation",
+    "Output and resume",
+    "Runtime",
+)
+PANELS = (MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME)
+
+
+def _resolve_model(name: str) -> str:
+    from ..models import resolve_name
+
+    return resolve_name(name)
+
+
+def _parse_augment(spec: Any) -> list[str]:
+    from ..augment import parse_augment
+
+    return list(parse_augment(spec))
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. Stored in the checkpoint (`train.args`) for --resume."""
+
+    model: str = setting(
+        "resnet20",
+        "--model",
+        "-m",
+        help="Architecture (see --list-models). Default: resnet20.",
+        normalize=_resolve_model,
+        panel=MODEL,
+    )
+    arch_kwargs: dict = field(default_factory=dict)
+    epochs: int = setting(
+        30,
+        "--epochs",
+        "-e",
+        help="Epochs. Default: 30.",
+        check=(lambda v: v >= 1, "--epochs must be at least 1, got {v}"),
+        panel=OPTIM,
+    )
+    batch_size: int = setting(
+        256,
+        "--batch-size",
+        "-b",
+        help="Global batch size (split over DDP processes). [default: 256]",
+        check=(lambda v: v >= 1, "--batch-size must be at least 1, got {v}"),
+        panel=OPTIM,
+    )
+    lr: float = setting(
+        0.1,
+        "--lr",
+        help="Peak learning rate (SGD). Default: 0.1.",
+        check=(lambda v: v > 0 and math.isfinite(v), "--lr must be positive, got {v}"),
+        panel=OPTIM,
+    )
+    momentum: float = setting(
+        0.9,
+        "--momentum",
+        help="SGD momentum. Default: 0.9.",
+        check=(lambda v: 0 <= v < 1, "--momentum must be in [0, 1), got {v}"),
+        panel=OPTIM,
+    )
+    weight_decay: float = setting(
+        5e-4,
+        "--wd",
+        "--weight-decay",
+        help="Weight decay. Default: 5e-4.",
+        check=(lambda v: v >= 0, "--wd must be non-negative, got {v}"),
+        panel=OPTIM,
+    )
+    nesterov: bool = setting(True, "--nesterov/--no-nesterov", help="Nesterov momentum. Default: on.", panel=OPTIM)
+    schedule: str = setting(
+        "cosine",
+        "--schedule",
+        help="cosine, onecycle, multistep or constant. [default: cosine]",
+        check=(lambda v: v in SCHEDULES, "unknown --schedule {v!r} (use " + ", ".join(SCHEDULES) + ")"),
+        panel=OPTIM,
+    )
+    warmup: float = setting(0.0, "--warmup", help="Epochs of linear warm-up (cosine/multistep/constant).", panel=OPTIM)
+    milestones: list = setting(  # multistep: epochs, or fractions if <= 1
+        None,
+        "--milestones",
+        default_factory=lambda: [0.5, 0.75],
+        help="multistep: epochs (or fractions <= 1) where the lr is multiplied by --gamma. Default: 0.5,0.75.",
+        parse=parse_numbers("--milestones", "100,150 or 0.5,0.75"),
+        panel=OPTIM,
+    )
+    gamma: float = setting(0.1, "--gamma", help="multistep factor. Default: 0.1.", panel=OPTIM)
+    label_smoothing: float = setting(
+        0.0,
+        "--label-smoothing",
+        help="Label smoothing. Default: 0.",
+        check=(lambda v: 0 <= v < 1, "--label-smoothing must be in [0, 1), got {v}"),
+        panel=OPTIM,
+    )
+    augment: list = setting(
+        None,
+        "--augment",
+        default_factory=lambda: ["crop", "flip"],
+        type=str,
+        help="Batch augmentation on tensors: crop,flip (pad-crop by --pad, horizontal flip), crop, flip or none. "
+        "Default: crop,flip.",
+        normalize=_parse_augment,
+        panel=AUGMENT,
+    )
+    pad: int = setting(
+        4,
+        "--pad",
+        help="Padding of the random crop, pixels. Default: 4.",
+        check=(lambda v: v >= 0, "--pad must be non-negative, got {v}"),
+        panel=AUGMENT,
+    )
+    flip: str = setting(  # or "alternate" (airbench's derandomized flip)
+        "random",
+        "--flip",
+        help="random, or alternate (each image flipped every other epoch). [default: random]",
+        check=(lambda v: v in FLIPS, "unknown flip mode {v!r}"),
+        panel=AUGMENT,
+    )
+    precision: str = setting(
+        "auto",
+        "--precision",
+        help="auto (fp16/bf16 mixed precision on CUDA, bf16 on CPUs with AMX, else fp32), fp32, bf16 or fp16. "
+        "Default: auto.",
+        check=(lambda v: v in PRECISIONS, "unknown --precision {v!r} (use " + ", ".join(PRECISIONS) + ")"),
+        panel=RUNTIME,
+    )
+    channels_last: bool | None = setting(  # None: on where it helps (CUDA, CPU bf16)
+        None,
+        "--channels-last/--no-channels-last",
+        help="NHWC memory layout. Default: on with CUDA or bf16.",
+        panel=RUNTIME,
+    )
+    target: str = setting(
+        "class",
+        "--target",
+        help="class (labels), origin (real/fake, 2 classes) or origin+class (2K classes 'real/cat' ...). "
+        "Default: class.",
+        check=(lambda v: v in TARGETS, "unknown --target {v!r} (use class, origin or origin+class)"),
+        panel=MODEL,
+    )
+    soft: str | None = setting(
+        None,
+        "--soft",
+        help="Train on the shards' `logits` column: kl (softened KL) or l2.",
+        check=(lambda v: v in (None, *SOFT_LOSSES), "unknown --soft {v!r} (use kl or l2)"),
+        panel=MODEL,
+    )
+    temperature: float = setting(
+        4.0,
+        "--temperature",
+        "-T",
+        help="Temperature of --soft kl. Default: 4.",
+        check=(lambda v: v > 0, "--temperature must be positive, got {v}"),
+        panel=MODEL,
+    )
+    alpha: float = setting(  # weight of the soft-target loss; 1 - alpha goes to hard labels
+        1.0,
+        "--alpha",
+        help="Weight of the soft loss; 1-alpha goes to hard labels. [default: 1]",
+        check=(lambda v: 0 <= v <= 1, "--alpha must be in [0, 1], got {v}"),
+        panel=MODEL,
+    )
+    ema: float | None = setting(  # EMA decay per step; the EMA weights are the deliverable
+        None,
+        "--ema",
+        help="Keep an exponential moving average of the weights with this decay per step and deliver it (e.g. 0.98).",
+        check=(lambda v: v is None or 0 < v < 1, "--ema must be in (0, 1), got {v}"),
+        panel=OPTIM,
+    )
+    whiten: bool = setting(  # initialise the first conv as a patch-whitening filter bank
+        False, "--whiten/--no-whiten", help="Initialise the first conv as a patch-whitening filter bank.", panel=MODEL
+    )
+    tta: bool = setting(  # validation averages the image and its mirror
+        False, "--tta/--no-tta", help="Validate on the image and its mirror.", panel=VALIDATION
+    )
+    seed: int = setting(0, "--seed", help="Random seed (init, shuffling, augmentation). Default: 0.", panel=RUNTIME)
+    device: str = setting("auto", "--device", help="auto, cpu, cuda or cuda:N. Default: auto.", panel=RUNTIME)
+    patience: int | None = setting(
+        None,
+        "--patience",
+        help="Stop after this many epochs without a better val loss.",
+        check=(lambda v: v is None or v >= 1, "--patience must be at least 1, got {v}"),
+        panel=VALIDATION,
+    )
+    recipe: str = setting(
+        "standard",
+        "--recipe",
+        help="standard (the defaults below) or fast (CPU time-to-accuracy: resnet20, 16 epochs, one-cycle, EMA, "
+        "label smoothing, whitened stem, alternating flips, flip TTA).",
+        panel=MODEL,
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Where a run reads and writes: keywords of `train()`, options of `train` and `distill`.
+RUN_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "output",
+        ("--output", "-o"),
+        "Checkpoint to write (.pt). Default with --resume: the resumed file.",
+        type=Path,
+        panel=OUTPUT,
+    ),
+    Setting(
+        "val",
+        ("--val",),
+        "Validation shards (repeatable): per-epoch val metrics, save-best on val loss, early stopping.",
+        type=list[str],
+        panel=VALIDATION,
+    ),
+    Setting(
+        "resume",
+        ("--resume",),
+        "Continue from a checkpoint written by train: its data, --val data and options are reused unless given "
+        "again here (typically --epochs to go further).",
+        type=Path,
+        panel=OUTPUT,
+    ),
+    Setting(
+        "onnx",
+        ("--onnx",),
+        "Also export OUTPUT with suffix .onnx (onnxruntime, normalization baked in).",
+        default=False,
+        type=bool,
+        cli_default=False,
+        panel=OUTPUT,
+    ),
+    Setting("log_path", ("--log",), "Append one JSON line per epoch to this file.", type=Path, panel=OUTPUT),
+    Setting(
+        "threads",
+        ("--threads",),
+        "CPU threads for torch (default: torch's, one per core). Use 1 per job when several jobs share the cores.",
+        type=int,
+        check=(lambda v: v is None or v >= 1, "--threads must be at least 1, got {v}"),
+        panel=RUNTIME,
+    ),
+    Setting(
+        "overwrite",
+        ("--overwrite",),
+        "Replace existing output files.",
+        default=False,
+        type=bool,
+        cli_default=False,
+        panel=OUTPUT,
+    ),
+)
+
+TRAIN_SETTINGS = settings_of(TrainConfig)
+
+# Recipes are defaults, not locks: any option given explicitly overrides them.
+RECIPES: dict[str, dict[str, Any]] = {
+    "standard": {},
+    # The fastest CPU time-to-accuracy this toolkit found (see docs/train.md and bench/RESULTS.md):
+    # airbench's ideas that carry over to a small ResNet on CPU.
+    "fast": {
+        "model": "resnet20",
+        "epochs": 16,
+        "batch_size": 512,
+        "lr": 0.4,
+        "schedule": "onecycle",
+        "label_smoothing": 0.2,
+        "weight_decay": 5e-4,
+        "flip": "alternate",
+        "ema": 0.98,
+        "whiten": True,
+        "tta": True,
+        "precision": "auto",
+        "channels_last": True,
+    },
+}
+
+_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def make_config(recipe: str | None = None, base: Mapping[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults <- recipe <- `base` (e.g. the args stored in a checkpoint) <- `overrides`.
+    `None` in overrides means "not given"."""
+    recipe = recipe or (base or {}).get("recipe") or "standard"
+    if recipe not in RECIPES:
+        raise UsageError(f"unknown --recipe {recipe!r}", f"available: {', '.join(RECIPES)}")
+    values: dict[str, Any] = {**RECIPES[recipe], "recipe": recipe}
+    values.update({k: v for k, v in (base or {}).items() if k in _FIELDS})
+    unknown = [k for k in overrides if k not in _FIELDS]
+    if unknown:
+        raise UsageError(f"unknown training option(s) {', '.join(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["recipe"] = recipe
+    config = TrainConfig(**values)
+    validate_config(config)
+    return config
+
+
+def validate_config(c: TrainConfig) -> None:
+    """Normalize (model aliases, augmentation lists) and check every setting, then the checks
+    that involve two of them; raises UsageError naming the first problem."""
+    for s in TRAIN_SETTINGS:
+        if s.normalize is not None:
+            setattr(c, s.name, s.normalize(getattr(c, s.name)))
+    check_values(TRAIN_SETTINGS, vars(c))
+    if not 0 <= c.warmup < c.epochs:
+        raise UsageError(f"--warmup must be in [0, epochs), got {c.warmup}")
+    if not (c.nesterov is False or c.momentum > 0):
+        raise UsageError("Nesterov momentum needs --momentum > 0 (or --no-nesterov)")

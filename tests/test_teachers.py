@@ -1,0 +1,704 @@
+"""Teachers: local torch (.pt, foreign .th with an arch; white-box), local .onnx and remote URLs
+(the `fakecifar serve` protocol of docs/serve.md, against a real HTTP server on 127.0.0.1), in
+every output mode; safe loading; a remote teacher that is down, slow or answers garbage.
+
+`ProtocolServer` speaks docs/serve.md with a real model behind it, keeps the per-key account
+the way the protocol says (only a 200 with an answer is charged, exactly N images), and serves
+faults on demand: the failure modes of a real deployment are test fixtures here.
+test_ledger.py uses it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fakecifar.answers import Answers, answer, parse_mode
+from fakecifar.checkpoint import CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD, export_onnx, save_checkpoint
+from fakecifar.errors import BadCheckpointError, BadImageError
+from fakecifar.ledger import QueryLedger
+from fakecifar.models import build_model
+from fakecifar.teachers import (
+    BadTeacherError,
+    BudgetExhausted,
+    Teacher,
+    TeacherError,
+    derivable,
+    open_teacher,
+)
+
+CLASSES = ["cat", "dog", "frog", "ship"]
+MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.22, 0.2)
+SIZE = 16
+MODES = ["logits", "probs", "probs:2", "topk:2", "label"]
+FAST = {"retries": 3, "backoff": 0.01, "timeout": 5.0}  # remote options that keep failing tests quick
+
+
+def calibrated(name: str, num_classes: int, seed: int = 0) -> nn.Module:
+    """A random model whose BN statistics come from data, so its answers vary between images."""
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, SIZE, SIZE) * 4 - 2)
+    return model.eval()
+
+
+def images(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, size, size), dtype=np.float32)
+
+
+@dataclass
+class Models:
+    model: nn.Module  # the network, without normalization
+    pt: Path
+    onnx: Path
+    th: Path  # a foreign state dict (DataParallel prefixes) of a 10-class model
+    th_model: nn.Module
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    root = tmp_path_factory.mktemp("teachers")
+    model = calibrated("resnet20", len(CLASSES))
+    pt = save_checkpoint(
+        root / "victim.pt", model, arch="resnet20", classes=CLASSES, mean=MEAN, std=STD, input_size=SIZE
+    )
+    meta = {"arch": "resnet20", "classes": CLASSES, "mean": MEAN, "std": STD, "input_size": [SIZE, SIZE]}
+    onnx = export_onnx(model, meta, root / "victim.onnx")
+    th_model = calibrated("resnet20", 10, seed=1)
+    th = root / "resnet20-foreign.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in th_model.state_dict().items()}, "best_prec1": 91.2}, th)
+    return Models(model, pt, onnx, th, th_model)
+
+
+def reference_logits(model: nn.Module, x: np.ndarray, mean: Any = MEAN, std: Any = STD) -> np.ndarray:
+    t = torch.from_numpy(x)
+    t = (t - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model(t).numpy()
+
+
+def same_answers(a: Answers, b: Answers) -> None:
+    assert str(a.mode) == str(b.mode)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    if b.log_probs is None:
+        assert a.log_probs is None
+    else:
+        assert a.log_probs is not None
+        np.testing.assert_array_equal(a.log_probs, b.log_probs)
+    if b.logits is not None:
+        assert a.logits is not None
+        np.testing.assert_array_equal(a.logits, b.logits)
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+@dataclass
+class ServerConfig:
+    mode: str = "logits"
+    max_batch: int = 64
+    max_bytes: int = 16 << 20
+    keys: dict[str, int | None] | None = None  # key -> budget (None: unlimited); None: open server
+    faults: list[str] = field(default_factory=list)  # consumed one per /v1/predict request
+    slow_seconds: float = 2.0
+    retry_after: str = "0.2"
+
+
+class ProtocolServer:
+    """docs/serve.md on 127.0.0.1 with `teacher` (a local Teacher) answering. Faults, one per
+    predict request: "500", "503html" (an HTML error page), "429" (with Retry-After), "html"
+    (a 200 HTML page from a 'proxy': not charged), "garbage" (a 200 that is not JSON: not
+    charged), "garbage-charged" (charged, then a body cut to garbage), "shape" (charged, answers
+    of the wrong shape, usage included), "count" (charged, one answer short), "slow" (charged,
+    then the answer comes after `slow_seconds`), "reset" (the connection closed unanswered,
+    not charged), "reset-charged" (charged, then the connection closed)."""
+
+    def __init__(self, teacher: Teacher, config: ServerConfig | None = None):
+        self.teacher = teacher
+        self.config = config or ServerConfig()
+        self.mode = parse_mode(self.config.mode)
+        self.lock = threading.Lock()
+        self.accounts: dict[str, dict[str, int]] = {}
+        self.predict_requests = 0
+        self.statuses: list[int] = []
+        self.received: list[str] = []  # sha of every image in every predict request
+        self.connections: list[socket.socket] = []
+        handler = type("Handler", (_Handler,), {"srv": self})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> ProtocolServer:
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop as a dying server does: kept-alive connections are cut too."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        with self.lock:
+            for conn in self.connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> ProtocolServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def account(self, key: str = "anonymous") -> dict[str, int]:
+        with self.lock:
+            return dict(self.accounts.get(key, {"images": 0, "requests": 0}))
+
+    def charged(self, key: str = "anonymous") -> int:
+        return self.account(key)["images"]
+
+    def usage(self, key: str) -> dict[str, Any]:
+        acc = self.accounts.setdefault(key, {"images": 0, "requests": 0})
+        budget = (self.config.keys or {}).get(key)
+        remaining = None if budget is None else budget - acc["images"]
+        return {"images": acc["images"], "requests": acc["requests"], "budget": budget, "remaining": remaining}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    srv: ProtocolServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.srv.lock:
+            self.srv.connections.append(self.connection)
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json", headers: dict | None = None) -> None:
+        with self.srv.lock:
+            self.srv.statuses.append(status)
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), headers=headers)
+
+    def _error(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
+        self._json(status, {"error": {"code": code, "message": message}}, headers)
+
+    def _key(self) -> str | None:
+        keys = self.srv.config.keys
+        if keys is None:
+            return "anonymous"
+        auth = self.headers.get("Authorization") or ""
+        key = auth[7:] if auth.startswith("Bearer ") else None
+        return key if key in keys else None
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        srv = self.srv
+        if self.path == "/v1/health":
+            t = srv.teacher
+            self._json(
+                200,
+                {
+                    "status": "ok",
+                    "model": "resnet20",
+                    "classes": t.classes,
+                    "input_size": list(t.input_size),
+                    "output": str(srv.mode),
+                    "max_batch": srv.config.max_batch,
+                    "max_bytes": srv.config.max_bytes,
+                },
+            )
+        elif self.path == "/v1/usage":
+            key = self._key()
+            if key is None:
+                self._error(401, "unauthorized", "missing or unknown key")
+                return
+            with srv.lock:
+                usage = srv.usage(key)
+            self._json(200, usage)
+        else:
+            self._error(404, "not_found", self.path)
+
+    def do_POST(self) -> None:  # noqa: N802
+        srv = self.srv
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if self.path != "/v1/predict":
+            self._error(404, "not_found", self.path)
+            return
+        key = self._key()
+        if key is None:
+            self._error(401, "unauthorized", "missing or unknown key")
+            return
+        try:
+            spec = json.loads(raw)["images"]
+            data = base64.b64decode(spec["data"], validate=True)
+            if spec["dtype"] == "float32" and spec["layout"] == "NCHW":
+                x = np.frombuffer(data, dtype="<f4").reshape(spec["shape"])
+            elif spec["dtype"] == "uint8" and spec["layout"] == "NHWC":
+                x = np.frombuffer(data, dtype=np.uint8).reshape(spec["shape"]).transpose(0, 3, 1, 2) / np.float32(255)
+            else:
+                raise ValueError("dtype/layout")
+            if x.shape[1:] != (3, *srv.teacher.input_size) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+                raise ValueError("shape or range")
+        except (KeyError, ValueError, TypeError) as exc:
+            self._error(400, "bad_images", str(exc))
+            return
+        n = len(x)
+        if n > srv.config.max_batch:
+            self._error(413, "too_large", f"{n} images > {srv.config.max_batch}")
+            return
+        import hashlib
+
+        with srv.lock:
+            srv.predict_requests += 1
+            srv.received.extend(hashlib.sha256(img.tobytes()).hexdigest() for img in x)
+            fault = srv.config.faults.pop(0) if srv.config.faults else None
+        if fault == "500":
+            self._error(500, "internal", "boom")
+            return
+        if fault == "503html":
+            self._send(503, b"<html><head><title>503 Service Unavailable</title></head></html>", "text/html")
+            return
+        if fault == "429":
+            self._error(429, "rate_limited", "slow down", {"Retry-After": srv.config.retry_after})
+            return
+        if fault == "html":
+            self._send(200, b"<!DOCTYPE html><html><head><title>Portal login</title></head></html>", "text/html")
+            return
+        if fault == "garbage":
+            self._send(200, b"}{ this is not json")
+            return
+        if fault == "reset":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        with srv.lock:
+            usage = srv.usage(key)
+            if usage["remaining"] is not None and usage["remaining"] < n:
+                self._error(402, "budget_exhausted", f"{n} images > {usage['remaining']} remaining")
+                return
+            acc = srv.accounts[key]
+            acc["images"] += n  # only a 200 is charged, exactly N images
+            acc["requests"] += 1
+            usage = srv.usage(key)
+        logits = srv.teacher._logits(np.ascontiguousarray(x, dtype=np.float32))  # type: ignore[attr-defined]
+        body: dict[str, Any] = {"n": n, "output": str(srv.mode), **answer(logits, srv.mode), "usage": usage}
+        if fault == "shape":
+            body = {**body, **answer(np.concatenate([logits, logits[:, :1]], axis=1), srv.mode)}
+        if fault == "count":
+            body = {**body, **answer(logits[:-1], srv.mode), "n": n - 1}
+        if fault == "garbage-charged":
+            self._send(200, json.dumps(body).encode()[:-40])
+            return
+        if fault == "reset-charged":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault == "slow":
+            time.sleep(srv.config.slow_seconds)
+        try:
+            self._json(200, body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def serve(models: Models) -> Iterator[Any]:
+    """`serve(mode=..., faults=[...], keys=...)` starts a ProtocolServer over the .pt victim."""
+    started: list[ProtocolServer] = []
+    local = open_teacher(models.pt, device="cpu")
+
+    def start(**config: Any) -> ProtocolServer:
+        srv = ProtocolServer(local, ServerConfig(**config)).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- local teachers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_local_teachers_answer_as_from_logits_in_every_mode(models: Models, mode: str) -> None:
+    x = images(7)
+    ref = reference_logits(models.model, x)
+    want = Answers.from_logits(ref, parse_mode(mode))
+    pt = open_teacher(models.pt, mode=mode, device="cpu")
+    same_answers(pt.query(x), want)
+    assert pt.kind == "torch" and pt.white_box and pt.classes == CLASSES and pt.input_size == (SIZE, SIZE)
+
+    onnx = open_teacher(models.onnx, mode=mode)
+    assert onnx.kind == "onnx" and not onnx.white_box and onnx.module is None
+    got = onnx.query(x)
+    # onnxruntime's float arithmetic differs from torch's in the last bits: the same answers
+    # up to that (labels identical), and exactly what Answers.from_logits makes of its logits.
+    np.testing.assert_array_equal(got.labels, want.labels)
+    if want.log_probs is not None and mode != "probs:2":
+        assert got.log_probs is not None
+        np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-4, atol=1e-4)
+    ort_logits = onnx.clf.model.predict_logits(x)  # type: ignore[attr-defined]
+    same_answers(got, Answers.from_logits(ort_logits, parse_mode(mode)))
+
+    # A foreign file records no size; the ResNet-CIFAR files are CIFAR's 32x32.
+    th = open_teacher(models.th, mode=mode, arch="resnet20", device="cpu")
+    assert th.classes == list(CIFAR10_CLASSES) and th.input_size == (32, 32) and th.white_box
+    x32 = images(5, size=32)
+    th_ref = reference_logits(models.th_model, x32, IMAGENET_MEAN, IMAGENET_STD)
+    same_answers(th.query(x32), Answers.from_logits(th_ref, parse_mode(mode)))
+
+
+def test_torch_teacher_is_white_box(models: Models) -> None:
+    teacher = open_teacher(models.pt, device="cpu")
+    assert teacher.module is not None and not teacher.module.training
+    x = torch.from_numpy(images(3)).requires_grad_(True)
+    out = teacher.module(x)  # takes [0, 1] pixels: normalization is inside
+    np.testing.assert_allclose(out.detach().numpy(), reference_logits(models.model, images(3)), rtol=1e-5, atol=1e-5)
+    out[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # gradients with respect to the input
+    bns = [m for m in teacher.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.running_var is not None and m.running_var.abs().sum() > 0 for m in bns)
+    d = teacher.describe()
+    assert d["kind"] == "torch" and d["white_box"] and len(d["sha256"]) == 64 and d["arch"] == "resnet20"
+    assert teacher.identity()["sha256"] == d["sha256"]
+
+
+def test_torch_tensor_and_float64_input(models: Models) -> None:
+    teacher = open_teacher(models.pt, mode="probs", device="cpu")
+    x = images(4)
+    same_answers(teacher.query(torch.from_numpy(x)), teacher.query(x))
+    same_answers(teacher.query(x.astype(np.float64)), teacher.query(x))
+    assert len(teacher.query(np.zeros((0, 3, SIZE, SIZE), np.float32))) == 0
+
+
+def test_batches_larger_than_max_batch(models: Models) -> None:
+    small = open_teacher(models.pt, device="cpu", batch_size=3)
+    whole = open_teacher(models.pt, device="cpu")
+    x = images(10)
+    np.testing.assert_allclose(small.query(x).logits, whole.query(x).logits, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (np.zeros((2, 3, 8, 8), np.float32), "takes 16x16 images"),
+        (np.zeros((2, SIZE, SIZE, 3), np.float32), "[N, 3, H, W]"),
+        ((np.ones((2, 3, SIZE, SIZE)) * 255).astype(np.uint8), "float images"),
+        (np.full((2, 3, SIZE, SIZE), 1.5, np.float32), "in [0, 1]"),
+        (np.full((2, 3, SIZE, SIZE), np.nan, np.float32), "finite"),
+    ],
+)
+def test_bad_images_are_refused(models: Models, bad: np.ndarray, needle: str) -> None:
+    teacher = open_teacher(models.pt, device="cpu")
+    with pytest.raises(BadImageError) as info:
+        teacher.query(bad)
+    assert needle in str(info.value) and info.value.exit_code == 2
+
+
+def test_foreign_th_needs_an_arch(models: Models) -> None:
+    with pytest.raises(BadCheckpointError) as info:
+        open_teacher(models.th, device="cpu")
+    assert "--arch resnet20" in str(info.value) and info.value.exit_code == 2
+    assert open_teacher(models.th, arch="auto", device="cpu").classes == list(CIFAR10_CLASSES)
+
+
+class RunsShell:
+    """Unpickling this runs a shell command: the classic malicious checkpoint."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("arch", [None, "resnet20", "auto"])
+def test_malicious_pickle_teacher_is_refused_and_never_run(tmp_path: Path, arch: str | None) -> None:
+    marker = tmp_path / "pwned"
+    payload = RunsShell(f"touch {shlex.quote(str(marker))}")
+    zipped = tmp_path / "evil.pt"
+    torch.save({"state_dict": payload, "format": "fakecifar-checkpoint"}, zipped)
+    legacy = tmp_path / "evil.th"  # the pre-1.6 layout of the ResNet-CIFAR files: a bare pickle
+    legacy.write_bytes(pickle.dumps({"state_dict": payload}, protocol=2))
+    for path in (zipped, legacy):
+        with pytest.raises(BadCheckpointError) as info:
+            open_teacher(path, arch=arch, device="cpu")
+        assert str(path) in str(info.value) and "refused" in str(info.value), info.value
+        assert info.value.exit_code == 2
+        assert not marker.exists(), "the payload ran"
+    pickle.loads(legacy.read_bytes())  # control: the payload is live when unpickled unsafely
+    assert marker.exists()
+
+
+def test_not_a_model_and_unknown_schemes(tmp_path: Path) -> None:
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(BadCheckpointError, match="not a model file"):
+        open_teacher(text)
+    with pytest.raises(BadTeacherError, match="only http:// and https://"):
+        open_teacher("ftp://example.com/model.pt")
+    with pytest.raises(Exception, match="no such file"):
+        open_teacher(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------- output modes
+
+
+def test_derivable_modes() -> None:
+    m = parse_mode
+    assert all(derivable(m("logits"), m(x)) for x in MODES)
+    assert all(derivable(m(s), m("label")) for s in MODES)
+    assert derivable(m("probs"), m("probs:3")) and derivable(m("probs"), m("topk:2"))
+    assert derivable(m("topk:3"), m("topk:2")) and not derivable(m("topk:2"), m("topk:3"))
+    assert not derivable(m("probs:2"), m("probs")) and not derivable(m("probs:2"), m("probs:1"))
+    assert not derivable(m("label"), m("probs")) and not derivable(m("topk:3"), m("probs"))
+    assert not derivable(m("probs"), m("logits"))
+
+
+# ----------------------------------------------------------------------------- remote teachers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_remote_teacher_answers_as_the_local_one(serve: Any, models: Models, mode: str) -> None:
+    srv = serve(mode=mode)
+    remote = open_teacher(srv.url, **FAST)
+    assert remote.kind == "remote" and not remote.white_box and remote.module is None
+    assert str(remote.mode) == mode and remote.classes == CLASSES and remote.input_size == (SIZE, SIZE)
+    x = images(9)
+    local = open_teacher(models.pt, mode=mode, device="cpu")
+    same_answers(remote.query(x), local.query(x))
+    d = remote.describe()
+    assert d["url"] == srv.url and d["model"] == "resnet20" and d["server_output"] == mode
+
+
+@pytest.mark.parametrize(("server", "client"), [("logits", "probs:2"), ("logits", "topk:3"), ("probs", "label")])
+def test_remote_teacher_derives_a_lesser_mode(serve: Any, models: Models, server: str, client: str) -> None:
+    srv = serve(mode=server)
+    remote = open_teacher(srv.url, mode=client, **FAST)
+    x = images(6)
+    same_answers(remote.query(x), open_teacher(models.pt, mode=client, device="cpu").query(x))
+
+
+def test_remote_teacher_refuses_a_mode_the_server_does_not_give(serve: Any) -> None:
+    srv = serve(mode="label")
+    with pytest.raises(BadTeacherError) as info:
+        open_teacher(srv.url, mode="probs", **FAST)
+    assert srv.url in str(info.value) and "label" in str(info.value) and info.value.exit_code == 2
+
+
+def test_url_forms_and_chunking_by_max_batch(serve: Any) -> None:
+    srv = serve(max_batch=4)
+    remote = open_teacher(srv.url + "/v1/predict", **FAST)
+    assert remote.max_batch == 4 and remote.describe()["url"] == srv.url
+    remote.query(images(10))
+    assert srv.predict_requests == 3 and srv.charged() == 10
+    tight = serve(max_bytes=3 * 4 * 4 * SIZE * SIZE)  # room for 2 images of base64 float32
+    assert open_teacher(tight.url, **FAST).max_batch == 2
+
+
+def test_remote_key_from_the_environment_is_sent_and_never_shown(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "sk-test-0123456789abcdef"
+    srv = serve(keys={secret: None})
+    with pytest.raises(BadTeacherError) as info:  # no key: 401 is the user's to fix (exit 2)
+        open_teacher(srv.url, **FAST).query(images(2))
+    assert "401" in str(info.value) and info.value.exit_code == 2
+    with pytest.raises(BadTeacherError, match="FC_TEACHER_KEY"):
+        open_teacher(srv.url, api_key_env="FC_TEACHER_KEY", **FAST)
+    monkeypatch.setenv("FC_TEACHER_KEY", secret)
+    remote = open_teacher(srv.url, api_key_env="FC_TEACHER_KEY", **FAST)
+    remote.query(images(3))
+    assert srv.charged(secret) == 3 and remote.account() == 3
+    shown = json.dumps(remote.describe()) + repr(remote) + str(vars(remote))
+    assert secret not in shown
+    wrong = open_teacher(srv.url, api_key="sk-wrong", **FAST)
+    with pytest.raises(BadTeacherError) as info:
+        wrong.query(images(1))
+    assert "FC_TEACHER_KEY" not in str(info.value) and "sk-wrong" not in str(info.value)
+
+
+def test_a_server_that_is_down(models: Models) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(TeacherError) as info:
+        open_teacher(url, **FAST)
+    assert url in str(info.value) and "4 attempts" in str(info.value) and info.value.exit_code == 1
+    assert time.monotonic() - started < 5
+
+
+def test_html_and_garbage_health_is_not_a_teacher(tmp_path: Path) -> None:
+    class Page(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = b"<html><head><title>Welcome to nginx!</title></head></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with pytest.raises(TeacherError) as info:
+            open_teacher(url, **FAST)
+        assert url in str(info.value) and "Welcome to nginx!" in str(info.value)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# Each fault is followed by a good answer: the call succeeds after a retry, and what the
+# server charged for the fault (the protocol's rule, as the fixture applies it) is `lost`.
+FAULTS = [
+    ("500", 0),
+    ("503html", 0),
+    ("429", 0),
+    ("html", 0),
+    ("garbage", 0),
+    ("reset", 0),
+    ("shape", 1),
+    ("count", 1),
+    ("garbage-charged", 1),
+    ("reset-charged", 1),
+    ("slow", 1),
+]
+
+
+@pytest.mark.parametrize(("fault", "charged"), FAULTS)
+def test_a_fault_is_retried_and_the_ledger_stays_exact(
+    serve: Any, models: Models, tmp_path: Path, fault: str, charged: int
+) -> None:
+    srv = serve(mode="probs", faults=[fault], slow_seconds=1.5)
+    remote = open_teacher(srv.url, retries=3, backoff=0.01, timeout=0.5 if fault == "slow" else 5.0)
+    x = images(5)
+    with QueryLedger(tmp_path / "run.queries", teacher=remote) as ledger:
+        started = time.monotonic()
+        got = ledger.ask(remote, x)
+        elapsed = time.monotonic() - started
+        same_answers(got, open_teacher(models.pt, mode="probs", device="cpu").query(x))
+        s = ledger.summary()
+    if fault == "slow":
+        time.sleep(1.2)  # the slow answer is still being written when the client has given up
+    assert srv.charged() == 5 * (1 + charged)
+    assert s["queries"] == srv.charged() - s["server"]["base"], s
+    assert s["unique"] == 5 and s["lost"] == 5 * charged and s["pending"] == 0
+    assert s["requests"] == 2 and s["failed_requests"] == 1 and s["sent"] == 10
+    assert s["server"]["foreign"] == 0 and s["server"]["discrepancy"] == 0
+    if fault == "429":
+        assert elapsed >= 0.2  # Retry-After was honoured
+
+
+def test_persistent_failure_exits_1_naming_the_url_and_counts_nothing_charged(
+    serve: Any, tmp_path: Path
+) -> None:
+    srv = serve(faults=["500", "503html", "429", "html"])
+    remote = open_teacher(srv.url, retries=3, backoff=0.01, timeout=5.0)
+    with QueryLedger(tmp_path / "run.queries", teacher=remote) as ledger:
+        with pytest.raises(TeacherError) as info:
+            ledger.ask(remote, images(4))
+        s = ledger.summary()
+    assert srv.url in str(info.value) and "4 attempts" in str(info.value) and info.value.exit_code == 1
+    assert "Portal login" in str(info.value)  # the last thing the server sent
+    assert s["queries"] == 0 == srv.charged() and s["pending"] == 0
+    assert s["requests"] == 4 and s["failed_requests"] == 4 and s["sent"] == 16
+
+
+def test_a_server_that_dies_mid_run(serve: Any, tmp_path: Path) -> None:
+    srv = serve()
+    remote = open_teacher(srv.url, retries=2, backoff=0.01, timeout=2.0)
+    with QueryLedger(tmp_path / "run.queries", teacher=remote) as ledger:
+        ledger.ask(remote, images(4))
+        srv.stop()
+        with pytest.raises(TeacherError) as info:
+            ledger.ask(remote, images(4, seed=1))
+        s = ledger.summary()
+    assert srv.url in str(info.value) and info.value.exit_code == 1
+    assert s["queries"] == 4 == srv.charged() and s["pending"] == 0 and s["failed_requests"] == 3
+
+
+def test_the_servers_budget_is_budget_exhausted(serve: Any, tmp_path: Path) -> None:
+    srv = serve(keys={"k": 6})
+    remote = open_teacher(srv.url, api_key="k", **FAST)
+    with QueryLedger(tmp_path / "run.queries", teacher=remote) as ledger:
+        ledger.ask(remote, images(4))
+        with pytest.raises(BudgetExhausted) as info:
+            ledger.ask(remote, images(4, seed=1))
+        assert info.value.source == "server" and srv.url in str(info.value)
+        assert ledger.summary()["queries"] == 4 == srv.charged("k")
+
+
+def test_the_ledgers_budget_holds_when_a_charge_is_uncertain(serve: Any, tmp_path: Path) -> None:
+    """A timeout the server charged: the retry would exceed --queries, so it is not sent."""
+    srv = serve(faults=["slow"], slow_seconds=1.0)
+    remote = open_teacher(srv.url, retries=3, backoff=0.01, timeout=0.4)
+    with QueryLedger(tmp_path / "run.queries", teacher=remote, budget=6) as ledger:
+        with pytest.raises(BudgetExhausted) as info:
+            ledger.ask(remote, images(5))
+        time.sleep(0.8)
+        s = ledger.summary()
+    assert info.value.source == "ledger"
+    assert srv.charged() == 5 == s["queries"] == s["lost"] and s["pending"] == 0
+    assert srv.predict_requests == 1  # the retry was never sent
+
+
+def test_identity_and_description(serve: Any, models: Models) -> None:
+    srv = serve(mode="topk:3")
+    remote = open_teacher(srv.url, mode="label", **FAST)
+    ident = remote.identity()
+    assert ident == {
+        "kind": "remote",
+        "classes": CLASSES,
+        "input_size": [SIZE, SIZE],
+        "url": srv.url,
+        "model": "resnet20",
+    }
+    assert "mode" not in open_teacher(models.onnx).identity()
