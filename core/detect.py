@@ -18,6 +18,8 @@ import numpy as np
 
 from .errors import BadCheckpointError, BadImageError, FakecifarError, UsageError
 from .images import decode_image, is_image_name, resize_images
+from .manifest import MANIFEST
+from .outputs import PARTIAL
 from .samples import DATA
 from .text import format_classes, format_size, paths_from_bytes
 
@@ -151,6 +153,8 @@ def iter_items(
                         yield _read(full)
                     elif name.endswith(".h5"):
                         yield from _shard_items(full)
+                    elif name == MANIFEST or name.startswith(".") or name.endswith(PARTIAL):
+                        continue  # a dataset folder's bookkeeping (manifest, locks), hidden files
                     elif on_skip:
                         on_skip(f"{full}: skipped (not an image file name)")
         elif path.suffix == ".h5" and path.is_file():

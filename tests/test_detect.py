@@ -188,3 +188,16 @@ def test_tta_averages_the_image_and_its_mirror(cli, tiny_models, tmp_path):
     assert p != p_mirror  # the model is not mirror-symmetric, so the test can tell
     tta = [r["p_fake"] for r in cli("detect", "--tta", *model).json_lines()]
     assert tta[0] == tta[1] and abs(tta[0] - (p + p_mirror) / 2) < 2e-6
+
+
+def test_a_dataset_folder_is_read_without_warnings_about_its_bookkeeping(tmp_path):
+    """manifest.json, the output lock and partial files are not inputs: no 'skipped' lines."""
+    from fakecifar.cli.app import main
+
+    out = tmp_path / "raw"
+    with pytest.raises(SystemExit):
+        main(["-q", "import", "--sample", "--shard-size", "400", "-o", str(out)])
+    (out / "shard-00001.h5.partial").write_bytes(b"half")
+    run = cli_in_fresh_process("detect", out)
+    assert run.exit_code == 0 and "skipped" not in run.stderr, run.stderr
+    assert len(run.stdout.splitlines()) == 400 and "torch" not in run.imported
