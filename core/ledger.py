@@ -23,19 +23,23 @@ checkpoint. It holds
   send: another client on the same key) and `discrepancy` (images the ledger counted that the
   server's figures do not show);
 - one `inflight` row per teacher call, written (and committed) before each attempt with the
-  images that call may have been charged so far, deleted in the transaction that records the
-  outcome.
+  images that call may have been charged so far (an attempt known to be free is taken off
+  again), deleted in the transaction that records the outcome;
+- the `late` pending images: of attempts the server may still charge (the client timed out
+  while it computed), each with the time after which a figure that does not show them
+  charged makes them free (fakecifar.teachers, `charge_window`).
 
 Exactness. Every teacher call is one transaction after the answer (answers, counters, the
 inflight row removed), after a committed intent before each attempt. A kill -9 therefore
 leaves the state of the last finished call plus, at most, one inflight row. On reopen that
 row is resolved: for a local teacher its images are `interrupted` (nothing left the process;
-no answer reached the run; nothing is charged); for a remote one they become `pending` and the
-server's account is asked (`GET /v1/usage`): what it charged beyond the ledger's last figure
-(up to the inflight images) is `lost`, the rest was never charged. When the server cannot be
-asked, the images stay pending (the budget counts them) until the next figure, which every
-`200` carries. So, when no other client spends on the same key, `queries == seen - base`
-always, and everything answered before a kill is never paid for again.
+no answer reached the run; nothing is charged); for a remote one they become (late) `pending`
+and the server's account is asked (`GET /v1/usage`): what it charged beyond the ledger's last
+figure (up to the inflight images) is `lost`, the rest was not charged (or, within the
+window, not yet). When the server cannot be asked, the images stay pending (the budget counts
+them) until the next figure, which every `200` carries. So, when no other client spends on
+the same key, `queries + pending` bounds the server's count and `queries` equals it as soon
+as nothing is pending; and nothing answered before a kill is ever paid for again.
 
 The budget is hard: before anything is sent, `queries + pending + images to send <= budget`
 must hold, and again before every retry (an attempt whose charge is unknown counts as
@@ -50,6 +54,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,8 @@ from .outputs import utc_now
 from .teachers import (
     ANSWERED,
     CHARGED,
+    FREE,
+    LATE,
     UNCERTAIN,
     BudgetExhausted,
     Meter,
@@ -97,8 +104,10 @@ CREATE TABLE IF NOT EXISTS answers (
     PRIMARY KEY (key, mode)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inflight (
     id INTEGER PRIMARY KEY, mode TEXT NOT NULL, images INTEGER NOT NULL, requests INTEGER NOT NULL,
-    started TEXT NOT NULL);
+    started TEXT NOT NULL, until REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS late (mode TEXT NOT NULL, images INTEGER NOT NULL, until REAL NOT NULL);
 """
+_TABLES = {"meta", "counters", "answers", "inflight", "late"}
 
 
 class LedgerError(UsageError):
@@ -127,13 +136,19 @@ def choose_subset(n_available: int, budget: int | None, seed: int) -> np.ndarray
 
 
 class _State:
-    """The counters, as one dict keyed by (mode, name); mode "" holds the global ones."""
+    """The counters, as one dict keyed by (mode, name); mode "" holds the global ones. `late`:
+    the pending images of attempts the server may still charge, [mode, images, until] (a
+    wall-clock time: after it, a figure that does not show them charged makes them free)."""
 
-    def __init__(self, values: dict[tuple[str, str], int] | None = None):
+    def __init__(self, values: dict[tuple[str, str], int] | None = None, late: Iterable[Sequence[Any]] = ()):
         self.values: dict[tuple[str, str], int] = dict(values or {})
+        self.late: list[list[Any]] = [[str(m), int(n), float(u)] for m, n, u in late]
 
     def copy(self) -> _State:
-        return _State(self.values)
+        return _State(self.values, self.late)
+
+    def same(self, other: _State) -> bool:
+        return self.values == other.values and self.late == other.late
 
     def get(self, mode: str, name: str) -> int:
         default = _NONE if name in ("server_base", "server_seen") else 0
@@ -166,11 +181,13 @@ class _LedgerMeter(Meter):
 
     def before_attempt(self, teacher: Teacher, n: int) -> None:
         self.ledger._check_budget(self.state, n, teacher)
-        self.ledger._bump_intent(self.intent, n)
+        self.ledger._bump_intent(self.intent, n, teacher.charge_window)
         self.open_attempt = n
 
     def after_attempt(self, n: int, outcome: str, figure: int | None = None) -> None:
         self.open_attempt = None
+        if outcome == FREE and self.teacher.server_metered:  # a kill from now on must not count it
+            self.ledger._free_intent(self.intent, n)
         st, mode = self.state, self.mode
         st.add(mode, "sent", n)
         st.add("", "requests", 1)
@@ -182,8 +199,10 @@ class _LedgerMeter(Meter):
                 st.add(mode, "lost", n)
             if self.teacher.server_metered:
                 st.add("", "since_seen", n)
-        elif outcome == UNCERTAIN:
+        elif outcome in (UNCERTAIN, LATE):
             st.add(mode, "pending", n)
+            if outcome == LATE:
+                st.late.append([mode, n, time.time() + self.teacher.charge_window])
         if figure is not None:
             _apply_figure(st, figure)
 
@@ -191,32 +210,48 @@ class _LedgerMeter(Meter):
         _apply_figure(self.state, images)
 
 
-def _apply_figure(st: _State, figure: int) -> None:
+def _apply_figure(st: _State, figure: int, now: float | None = None) -> None:
     """The server says it has charged `figure` images to the key in all: settle what is pending.
 
     Since the last figure the ledger confirmed `since_seen` images (200s); what the server
     charged beyond those is what the pending attempts cost (lost: no answer came back), up to
-    their number; more than that was spent by someone else on the key (`foreign`)."""
-    pending = st.total("pending")
+    their number; more than that was spent by someone else on the key (`foreign`). Of the
+    pending images the figure does not show charged, those of LATE attempts still within their
+    window stay pending (the server may be computing them yet); the others were never charged."""
+    now = time.time() if now is None else now
+    pending = {mode: st.get(mode, "pending") for mode in st.modes()}
+    pool = sum(pending.values())
     seen, confirmed = st.get("", "server_seen"), st.get("", "since_seen")
     if seen == _NONE:  # the first figure ever: what is pending is taken as charged (the safe side)
-        resolved = pending
-        st.set("", "server_base", figure - confirmed - pending)
+        charged = pool
+        base = figure - confirmed - pool
+        if base < 0:
+            st.add("", "discrepancy", -base)
+        st.set("", "server_base", max(0, base))
     else:
         extra = figure - seen - confirmed
         if extra < 0:  # the server shows less than the protocol says it charged (a restart?)
             st.add("", "discrepancy", -extra)
-            resolved = 0
+            charged = 0
         else:
-            resolved = min(extra, pending)
-            st.add("", "foreign", extra - resolved)
-    for mode in st.modes():
-        take = min(st.get(mode, "pending"), resolved)
+            charged = min(extra, pool)
+            st.add("", "foreign", extra - charged)
+    keep, kept = pool - charged, []
+    for mode, n, until in reversed(st.late):  # the newest first: the likeliest to be charged yet
+        take = min(n, keep, pending[mode]) if until > now else 0
+        if take > 0:
+            kept.append([mode, take, until])
+            pending[mode] -= take
+            keep -= take
+    st.late = kept[::-1]
+    left = charged
+    for mode in st.modes():  # the charged images come out of the pending that is not kept
+        take = min(pending[mode], left)
         if take:
             st.add(mode, "queries", take)
             st.add(mode, "lost", take)
-            resolved -= take
-        st.set(mode, "pending", 0)
+            left -= take
+        st.set(mode, "pending", sum(n for m, n, _ in st.late if m == mode))
     st.set("", "server_seen", figure)
     st.set("", "since_seen", 0)
 
@@ -260,7 +295,11 @@ class QueryLedger:
             self.close()
             raise
         if teacher is not None:
-            self.bind(teacher)
+            try:
+                self.bind(teacher)
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------------ file
 
@@ -331,7 +370,7 @@ class QueryLedger:
             tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as exc:
             raise self._db_error(exc, "read") from exc
-        if not {"meta", "counters", "answers", "inflight"} <= tables or self._get_meta("format") != FORMAT:
+        if not tables.issuperset(_TABLES) or self._get_meta("format") != FORMAT:
             raise LedgerError(
                 f"{self.path}: not a fakecifar query ledger",
                 "the ledger is written beside the student checkpoint; move this file away to start a new one",
@@ -351,30 +390,35 @@ class QueryLedger:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     def _load_state(self) -> _State:
-        return _State({(m, n): int(v) for m, n, v in self.conn.execute("SELECT mode, name, value FROM counters")})
+        values = {(m, n): int(v) for m, n, v in self.conn.execute("SELECT mode, name, value FROM counters")}
+        late = self.conn.execute("SELECT mode, images, until FROM late ORDER BY rowid").fetchall()
+        return _State(values, late)
 
     def _write_state(self, st: _State) -> None:
         self.conn.executemany(
             "INSERT OR REPLACE INTO counters (mode, name, value) VALUES (?, ?, ?)",
             [(m, n, v) for (m, n), v in st.values.items()],
         )
+        self.conn.execute("DELETE FROM late")
+        self.conn.executemany("INSERT INTO late (mode, images, until) VALUES (?, ?, ?)", st.late)
 
     def _resolve_inflight(self) -> None:
         """Calls a kill cut short (see the module docstring): local -> interrupted, remote ->
         pending until the server's account says what was charged."""
-        rows = self.conn.execute("SELECT id, mode, images, requests FROM inflight").fetchall()
+        rows = self.conn.execute("SELECT id, mode, images, requests, until FROM inflight").fetchall()
         if not rows:
             return
         identity = self._get_meta("teacher") or {}
         remote = identity.get("kind") == "remote"
         st = self._state.copy()
-        for _, mode, images, requests in rows:
+        for _, mode, images, requests, until in rows:
             st.add(mode, "interrupted", images)
             st.add(mode, "sent", images)
             st.add("", "requests", requests)
             st.add("", "failed_requests", requests)
-            if remote:
+            if remote and images:  # the server may have charged them, or may still
                 st.add(mode, "pending", images)
+                st.late.append([mode, images, until])
         self._begin()
         self._write_state(st)
         self.conn.execute("DELETE FROM inflight")
@@ -462,12 +506,22 @@ class QueryLedger:
             needed=n,
         )
 
-    def _bump_intent(self, intent: int, n: int) -> None:
+    def _bump_intent(self, intent: int, n: int, window: float) -> None:
         try:
             self._begin()
             self.conn.execute(
-                "UPDATE inflight SET images = images + ?, requests = requests + 1 WHERE id = ?", (n, intent)
+                "UPDATE inflight SET images = images + ?, requests = requests + 1, until = ? WHERE id = ?",
+                (n, time.time() + window, intent),
             )
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise self._db_error(exc, "write") from exc
+
+    def _free_intent(self, intent: int, n: int) -> None:
+        try:
+            self._begin()
+            self.conn.execute("UPDATE inflight SET images = MAX(0, images - ?) WHERE id = ?", (n, intent))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -547,7 +601,7 @@ class QueryLedger:
             try:
                 self._check_budget(st, len(send), teacher)  # before anything is sent
             finally:
-                if st.values != self._state.values:  # the server's account settled what was pending
+                if not st.same(self._state):  # the server's account settled what was pending
                     self._commit(st, [], None)
             fresh: dict[bytes, tuple[int, bytes | None]] = {}
             step = teacher.max_batch
@@ -569,7 +623,8 @@ class QueryLedger:
         try:
             self._begin()
             cursor = self.conn.execute(
-                "INSERT INTO inflight (mode, images, requests, started) VALUES (?, 0, 0, ?)", (mode, utc_now())
+                "INSERT INTO inflight (mode, images, requests, started, until) VALUES (?, 0, 0, ?, 0)",
+                (mode, utc_now()),
             )
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -591,8 +646,9 @@ class QueryLedger:
                 st.add(mode, "interrupted", n)
                 st.add("", "requests", 1)
                 st.add("", "failed_requests", 1)
-                if teacher.server_metered:
+                if teacher.server_metered:  # the server may charge it still
                     st.add(mode, "pending", n)
+                    st.late.append([mode, n, time.time() + teacher.charge_window])
             if answers is not None and len(answers) == len(keys):
                 rows = self._rows(keys, answers, mode)
                 self._count_answered(st, keys, mode)

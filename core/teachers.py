@@ -23,9 +23,11 @@ those into exact counters. The rules (docs/teachers.md):
 - a remote `200` with a usable answer is charged N images (the protocol's rule); every other
   status is free; a `200` whose body cannot be used is charged when it carries the server's
   `usage` (it came from the server) and *uncertain* otherwise (a proxy's page may never have
-  reached the server); a connection refused is free; a timeout or a cut connection is
-  uncertain. Uncertain images count against the budget until a figure of the server's account
-  (`usage` in a later `200`, or `GET /v1/usage`) tells what was charged.
+  reached the server); a connection refused is free; a cut connection is uncertain. A timeout
+  is *late*: the server may still be computing the answer and charge it when done. Uncertain
+  and late images count against the budget until a figure of the server's account (`usage`
+  in a later `200`, or `GET /v1/usage`) shows what was charged; a late attempt the figures do
+  not show charged stays pending until `charge_window` (2 x timeout) after it began.
 
 A teacher file is loaded only through fakecifar.checkpoint's safe loaders
 (`torch.load(weights_only=True)`): a pickle that would build Python objects (and could run
@@ -60,6 +62,7 @@ __all__ = [
     "ANSWERED",
     "CHARGED",
     "FREE",
+    "LATE",
     "UNCERTAIN",
     "BadTeacherError",
     "BudgetExhausted",
@@ -83,7 +86,8 @@ HEALTH_BYTES = 1 << 20  # size cap on /v1/health and /v1/usage responses
 ANSWERED = "answered"  # charged, and the answer is used
 CHARGED = "charged"  # charged, but the answer could not be used (lost)
 FREE = "free"  # not charged
-UNCERTAIN = "uncertain"  # may or may not have been charged
+UNCERTAIN = "uncertain"  # may or may not have been charged; the exchange is over (a figure settles it)
+LATE = "late"  # the client stopped waiting (a timeout): the server may charge it later still
 
 
 # ----------------------------------------------------------------------------- errors
@@ -129,7 +133,7 @@ class Meter:
         """Called before `n` images are sent; may raise BudgetExhausted (nothing is sent)."""
 
     def after_attempt(self, n: int, outcome: str, figure: int | None = None) -> None:
-        """`outcome` of that attempt (ANSWERED, CHARGED, FREE, UNCERTAIN); `figure`: the
+        """`outcome` of that attempt (ANSWERED, CHARGED, FREE, UNCERTAIN, LATE); `figure`: the
         server's account (images charged to the key, this attempt included) if it said."""
 
     def figure(self, images: int) -> None:
@@ -177,8 +181,8 @@ def concat_answers(parts: Sequence[Answers], mode: OutputMode, num_classes: int)
     if len(parts) == 1:
         return parts[0]
     labels = np.concatenate([p.labels for p in parts])
-    log_probs = None if parts[0].log_probs is None else np.concatenate([p.log_probs for p in parts])  # type: ignore[misc]
-    logits = None if parts[0].logits is None else np.concatenate([p.logits for p in parts])  # type: ignore[misc]
+    log_probs = None if parts[0].log_probs is None else np.concatenate([p.log_probs for p in parts])
+    logits = None if parts[0].logits is None else np.concatenate([p.logits for p in parts])
     return Answers(mode, labels, log_probs, logits)
 
 
@@ -235,6 +239,8 @@ class Teacher:
     kind: str = ""  # "torch" | "onnx" | "remote"
     white_box: bool = False
     server_metered: bool = False  # does a server keep its own account of what it charged?
+    # Seconds after an attempt starts within which a server may still charge it (LATE attempts)
+    charge_window: float = 0.0
     module: nn.Module | None = None  # torch teachers: the network, eval mode, normalization included
 
     def __init__(self, name: str, classes: Sequence[str], input_size: Sequence[int], mode: OutputMode, max_batch: int):
@@ -324,7 +330,7 @@ class _LocalTeacher(Teacher):
         meter.before_attempt(self, n)
         try:
             answers = Answers.from_logits(self._logits(images), self.mode)
-        except BaseException:
+        except Exception:  # a failed forward pass charges nothing; Ctrl-C leaves the attempt open
             meter.after_attempt(n, FREE)
             raise
         meter.after_attempt(n, ANSWERED)
@@ -429,6 +435,9 @@ class RemoteTeacher(Teacher):
         if not timeout > 0 or retries < 0 or backoff < 0:
             raise UsageError("timeout must be positive, retries and backoff non-negative")
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
+        # A server still computing when the client gave up charges when it finishes: allow it as
+        # long again as the client waited before a figure may call the attempt free.
+        self.charge_window = 2.0 * self.timeout
         self.max_wait = MAX_HONOURED_WAIT if max_wait is None else float(max_wait)
         self._rng = rng or random.Random()
         self._session = requests.Session()
@@ -628,7 +637,7 @@ class RemoteTeacher(Teacher):
                     s in exc.message.lower() for s in ("refused", "name or service", "nodename", "no route")
                 )
                 reached = not (refused or exc.fatal or exc.reason == "bad_url")
-                meter.after_attempt(n, UNCERTAIN if reached else FREE)
+                meter.after_attempt(n, (LATE if exc.reason == "timeout" else UNCERTAIN) if reached else FREE)
                 unresolved = unresolved or reached
                 last = self._scrub(exc.message)
                 if exc.fatal or exc.reason == "too_large":

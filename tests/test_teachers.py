@@ -18,7 +18,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +40,7 @@ from fakecifar.teachers import (
     Teacher,
     TeacherError,
     derivable,
+    describe_line,
     open_teacher,
 )
 
@@ -47,7 +48,7 @@ CLASSES = ["cat", "dog", "frog", "ship"]
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.22, 0.2)
 SIZE = 16
 MODES = ["logits", "probs", "probs:2", "topk:2", "label"]
-FAST = {"retries": 3, "backoff": 0.01, "timeout": 5.0}  # remote options that keep failing tests quick
+FAST: dict[str, Any] = {"retries": 3, "backoff": 0.01, "timeout": 5.0}  # remote options that keep failing tests quick
 
 
 def calibrated(name: str, num_classes: int, seed: int = 0) -> nn.Module:
@@ -76,9 +77,8 @@ class Models:
     th_model: nn.Module
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    root = tmp_path_factory.mktemp("teachers")
+def build_models(root: Path) -> Models:
+    """The victims: a 4-class resnet20 as .pt and .onnx, and a foreign 10-class .th."""
     model = calibrated("resnet20", len(CLASSES))
     pt = save_checkpoint(
         root / "victim.pt", model, arch="resnet20", classes=CLASSES, mean=MEAN, std=STD, input_size=SIZE
@@ -89,6 +89,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     th = root / "resnet20-foreign.th"
     torch.save({"state_dict": {f"module.{k}": v for k, v in th_model.state_dict().items()}, "best_prec1": 91.2}, th)
     return Models(model, pt, onnx, th, th_model)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    return build_models(tmp_path_factory.mktemp("teachers"))
 
 
 def reference_logits(model: nn.Module, x: np.ndarray, mean: Any = MEAN, std: Any = STD) -> np.ndarray:
@@ -131,14 +136,15 @@ class ProtocolServer:
     (a 200 HTML page from a 'proxy': not charged), "garbage" (a 200 that is not JSON: not
     charged), "garbage-charged" (charged, then a body cut to garbage), "shape" (charged, answers
     of the wrong shape, usage included), "count" (charged, one answer short), "slow" (charged,
-    then the answer comes after `slow_seconds`), "reset" (the connection closed unanswered,
-    not charged), "reset-charged" (charged, then the connection closed)."""
+    then the answer comes after `slow_seconds`), "late" (`slow_seconds` of work, then charged
+    and answered), "late500" (`slow_seconds` of work, then a 500), "reset" (the connection
+    closed unanswered, not charged), "reset-charged" (charged, then the connection closed)."""
 
     def __init__(self, teacher: Teacher, config: ServerConfig | None = None):
         self.teacher = teacher
         self.config = config or ServerConfig()
         self.mode = parse_mode(self.config.mode)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.accounts: dict[str, dict[str, int]] = {}
         self.predict_requests = 0
         self.statuses: list[int] = []
@@ -308,6 +314,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if fault in ("late", "late500"):  # a long computation, after which ...
+            time.sleep(srv.config.slow_seconds)
+            if fault == "late500":  # ... it fails: nothing charged
+                self._error(500, "internal", "the model failed")
+                return
+            # ... it is charged, as a 200 is, though the client stopped waiting long ago
         with srv.lock:
             usage = srv.usage(key)
             if usage["remaining"] is not None and usage["remaining"] < n:
@@ -338,9 +350,9 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-@pytest.fixture
-def serve(models: Models) -> Iterator[Any]:
-    """`serve(mode=..., faults=[...], keys=...)` starts a ProtocolServer over the .pt victim."""
+def serving(models: Models) -> Iterator[Callable[..., ProtocolServer]]:
+    """`start(mode=..., faults=[...], keys=...)` starts a ProtocolServer over the .pt victim;
+    all are stopped when the generator is closed (the body of the `serve` fixtures)."""
     started: list[ProtocolServer] = []
     local = open_teacher(models.pt, device="cpu")
 
@@ -352,6 +364,11 @@ def serve(models: Models) -> Iterator[Any]:
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture
+def serve(models: Models) -> Iterator[Callable[..., ProtocolServer]]:
+    yield from serving(models)
 
 
 def free_port() -> int:
@@ -405,6 +422,8 @@ def test_torch_teacher_is_white_box(models: Models) -> None:
     d = teacher.describe()
     assert d["kind"] == "torch" and d["white_box"] and len(d["sha256"]) == 64 and d["arch"] == "resnet20"
     assert teacher.identity()["sha256"] == d["sha256"]
+    line = describe_line(teacher)
+    assert line.startswith("victim.pt (torch, white-box, sha256 ") and "mode logits" in line, line
 
 
 def test_torch_tensor_and_float64_input(models: Models) -> None:
@@ -540,9 +559,7 @@ def test_url_forms_and_chunking_by_max_batch(serve: Any) -> None:
     assert open_teacher(tight.url, **FAST).max_batch == 2
 
 
-def test_remote_key_from_the_environment_is_sent_and_never_shown(
-    serve: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_remote_key_from_the_environment_is_sent_and_never_shown(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "sk-test-0123456789abcdef"
     srv = serve(keys={secret: None})
     with pytest.raises(BadTeacherError) as info:  # no key: 401 is the user's to fix (exit 2)
@@ -637,9 +654,7 @@ def test_a_fault_is_retried_and_the_ledger_stays_exact(
         assert elapsed >= 0.2  # Retry-After was honoured
 
 
-def test_persistent_failure_exits_1_naming_the_url_and_counts_nothing_charged(
-    serve: Any, tmp_path: Path
-) -> None:
+def test_persistent_failure_exits_1_naming_the_url_and_counts_nothing_charged(serve: Any, tmp_path: Path) -> None:
     srv = serve(faults=["500", "503html", "429", "html"])
     remote = open_teacher(srv.url, retries=3, backoff=0.01, timeout=5.0)
     with QueryLedger(tmp_path / "run.queries", teacher=remote) as ledger:
@@ -650,6 +665,19 @@ def test_persistent_failure_exits_1_naming_the_url_and_counts_nothing_charged(
     assert "Portal login" in str(info.value)  # the last thing the server sent
     assert s["queries"] == 0 == srv.charged() and s["pending"] == 0
     assert s["requests"] == 4 and s["failed_requests"] == 4 and s["sent"] == 16
+
+
+def test_a_server_too_slow_every_time(serve: Any, tmp_path: Path) -> None:
+    """Each answer is charged but comes too late: exit 1 naming the URL, and the ledger asks the
+    server's account what the timeouts cost (lost), so it still equals the server's count."""
+    srv = serve(faults=["slow", "slow"], slow_seconds=0.8)
+    remote = open_teacher(srv.url, retries=1, backoff=0.01, timeout=0.3)
+    with QueryLedger(tmp_path / "run.queries", teacher=remote) as ledger:
+        with pytest.raises(TeacherError) as info:
+            ledger.ask(remote, images(3))
+        s = ledger.summary()
+    assert srv.url in str(info.value) and "2 attempts" in str(info.value) and info.value.exit_code == 1
+    assert s["queries"] == 6 == srv.charged() == s["lost"] and s["pending"] == 0 and s["unique"] == 0
 
 
 def test_a_server_that_dies_mid_run(serve: Any, tmp_path: Path) -> None:
@@ -690,6 +718,37 @@ def test_the_ledgers_budget_holds_when_a_charge_is_uncertain(serve: Any, tmp_pat
     assert srv.predict_requests == 1  # the retry was never sent
 
 
+def test_a_late_charge_is_counted_and_the_budget_still_holds(serve: Any, tmp_path: Path) -> None:
+    """The server charges a request it finishes after the client gave up (timeout): the figure
+    right after does not show it yet, so those images stay pending (counted against the budget)
+    until a figure does, within the timeout attempt's window."""
+    srv = serve(faults=["late"], slow_seconds=0.8)
+    remote = open_teacher(srv.url, retries=2, backoff=0.01, timeout=0.3)
+    with QueryLedger(tmp_path / "run.queries", teacher=remote, budget=10) as ledger:
+        ledger.ask(remote, images(5))  # attempt 1 times out, attempt 2 is answered
+        s = ledger.summary()
+        assert s["queries"] == 5 == srv.charged() and s["pending"] == 5 and ledger.remaining == 0
+        time.sleep(0.8)  # the first attempt is charged now
+        assert srv.charged() == 10
+        with pytest.raises(BudgetExhausted):  # the server is asked first: still no room
+            ledger.ask(remote, images(1, seed=1))
+        s = ledger.summary()
+    assert s["queries"] == 10 == srv.charged() and s["lost"] == 5 and s["pending"] == 0
+    assert srv.predict_requests == 2  # the budget was never overdrawn
+
+
+def test_a_late_attempt_that_is_never_charged_expires(serve: Any, tmp_path: Path) -> None:
+    srv = serve(faults=["late500"], slow_seconds=0.5)
+    remote = open_teacher(srv.url, retries=2, backoff=0.01, timeout=0.3)
+    with QueryLedger(tmp_path / "run.queries", teacher=remote) as ledger:
+        ledger.ask(remote, images(5))
+        assert ledger.summary()["pending"] == 5
+        time.sleep(0.7)  # past the window (2 x timeout after the attempt began); the server said 500
+        ledger.ask(remote, images(2, seed=1))  # its figure settles the late attempt as free
+        s = ledger.summary()
+    assert s["queries"] == 7 == srv.charged() and s["lost"] == 0 and s["pending"] == 0
+
+
 def test_identity_and_description(serve: Any, models: Models) -> None:
     srv = serve(mode="topk:3")
     remote = open_teacher(srv.url, mode="label", **FAST)
@@ -702,3 +761,69 @@ def test_identity_and_description(serve: Any, models: Models) -> None:
         "model": "resnet20",
     }
     assert "mode" not in open_teacher(models.onnx).identity()
+
+
+# ----------------------------------------------------------------------------- the real server
+
+
+@pytest.fixture
+def real_serve(models: Models) -> Iterator[Callable[..., Any]]:
+    """`real_serve(mode=..., keys=..., rate=...)`: fakecifar.serve.QueryServer over the .pt victim."""
+    from fakecifar.evaluate import load_classifier
+    from fakecifar.serve import QueryServer, classifier_model
+
+    model = classifier_model(load_classifier(models.pt, device="cpu"))
+    started: list[Any] = []
+
+    def start(**options: Any) -> Any:
+        server = QueryServer(model, port=0, host="127.0.0.1", **options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_a_late_charge_by_fakecifar_serve(models: Models, tmp_path: Path) -> None:
+    """The real server, with a model whose first forward pass outlasts the client's timeout: it
+    charges that request when it is done, and the ledger counts it (lost) without overdrawing."""
+    from fakecifar.evaluate import load_classifier
+    from fakecifar.serve import Model, QueryServer, classifier_model
+
+    base = classifier_model(load_classifier(models.pt, device="cpu"))
+    calls = [0]
+
+    def slow_first(x: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        if calls[0] == 1:
+            time.sleep(1.0)
+        return base.predict_logits(x)
+
+    model = Model(slow_first, base.classes, base.input_size, base.name)
+    with QueryServer(model, mode="probs", port=0, host="127.0.0.1") as server:
+        remote = open_teacher(server.url, retries=2, backoff=0.01, timeout=0.6)
+        with QueryLedger(tmp_path / "run.queries", teacher=remote, budget=10) as ledger:
+            got = ledger.ask(remote, images(5))
+            s = ledger.summary()  # the late charge is seen (lost) or still pending: both count
+            assert s["queries"] + s["pending"] == 10 and ledger.remaining == 0, s
+            with pytest.raises(BudgetExhausted):  # pending is settled with the server first
+                ledger.ask(remote, images(1, seed=1))
+            s = ledger.summary()
+        assert s["queries"] == 10 == server.accounts()["anonymous"]["images"], s
+        assert s["lost"] == 5 and s["pending"] == 0
+    same_answers(got, open_teacher(models.pt, mode="probs", device="cpu").query(images(5)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_local_teacher_answers_what_fakecifar_serve_answers(real_serve: Any, models: Models, mode: str) -> None:
+    server = real_serve(mode=mode)
+    remote = open_teacher(server.url, **FAST)
+    x = images(9, seed=3)
+    for local in (open_teacher(models.pt, mode=mode, device="cpu"), open_teacher(models.onnx, mode=mode)):
+        want = local.query(x)
+        if local.kind == "torch":
+            same_answers(remote.query(x), want)
+        else:
+            np.testing.assert_array_equal(remote.query(x).labels, want.labels)
+    assert server.accounts()["anonymous"]["images"] == 18
