@@ -10,6 +10,9 @@ import os
 # timings erratic. Set before any test module imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Fixtures of the teacher tests (tiny real models, the protocol server), for every test file.
+pytest_plugins = ("teacher_server",)
+
 import io
 import sys
 from pathlib import Path

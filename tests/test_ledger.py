@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_teachers import MODES, Models, ProtocolServer, build_models, images, same_answers, serving
+from teacher_server import MODES, Models, ProtocolServer, build_models, images, same_answers, serving
 
 from fakecifar.answers import Answers
 from fakecifar.checkpoint import load_checkpoint, save_checkpoint
