@@ -10,9 +10,6 @@ import os
 # timings erratic. Set before any test module imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Fixtures of the teacher tests (tiny real models, the protocol server), for every test file.
-pytest_plugins = ("teacher_server",)
-
 import io
 import sys
 from pathlib import Path
@@ -150,3 +147,7 @@ def fill_disk():
         return path
 
     return fill
+
+
+# Fixtures of the teacher tests (tiny real models, the protocol server), for every test file.
+pytest_plugins = ("teacher_server",)
