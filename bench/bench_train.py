@@ -20,6 +20,7 @@ JPEG folder of ../shared/data + per-image transforms + DataLoader workers; issue
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -79,13 +80,19 @@ def reference_epoch(data: ShardSet, precision: str, channels_last: bool, mean, s
     return steps_of(stamps)
 
 
-def engine_epoch(data: ShardSet, precision: str, channels_last: bool | None) -> list[tuple[float, float]]:
-    stamps: list[tuple[float, float]] = []
+def engine_run(data: ShardSet, precision: str, channels_last: bool | None, on_step=None) -> float:
+    """One epoch of `fakecifar.train.train`; returns its own images/s figure (the whole epoch)."""
     with tempfile.TemporaryDirectory() as tmp:
         config = make_config(
             model="resnet20", epochs=1, batch_size=BATCH, precision=precision, channels_last=channels_last, device="cpu"
         )
-        train(data, Path(tmp) / "m.pt", config, on_step=lambda n: stamps.append(clock()))
+        result = train(data, Path(tmp) / "m.pt", config, on_step=on_step)
+    return result.history[-1]["images_per_s"]
+
+
+def engine_epoch(data: ShardSet, precision: str, channels_last: bool | None) -> list[tuple[float, float]]:
+    stamps: list[tuple[float, float]] = []
+    engine_run(data, precision, channels_last, on_step=lambda n: stamps.append(clock()))
     return steps_of(stamps)
 
 
@@ -104,8 +111,8 @@ def side_by_side(args: argparse.Namespace) -> None:
             pairs["bf16 + channels_last (the default on this AMX CPU)"] = ("bf16", True)
         variants: dict[str, Callable[[], list[tuple[float, float]]]] = {}
         for label, (precision, cl) in pairs.items():
-            variants[f"reference, {label}"] = lambda p=precision, c=cl: reference_epoch(data, p, c, mean, std)
-            variants[f"engine,    {label}"] = lambda p=precision, c=cl: engine_epoch(data, p, c)
+            variants[f"reference, {label}"] = functools.partial(reference_epoch, data, precision, cl, mean, std)
+            variants[f"engine,    {label}"] = functools.partial(engine_epoch, data, precision, cl)
         steps: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         for r in range(args.repeat):
             for name, fn in variants.items():
@@ -203,15 +210,15 @@ def imagefolder(args: argparse.Namespace) -> None:
         f"reference: ImageFolder+transforms+DataLoader({args.workers} workers), fp32": lambda: imagefolder_epoch(
             folder, files, args.workers
         ),
-        "fakecifar train, fp32 (--precision fp32 --no-channels-last)": lambda: engine_epoch(data, "fp32", False)[1],
+        "fakecifar train, fp32 (--precision fp32 --no-channels-last)": lambda: engine_run(data, "fp32", False),
     }
     if bf16:
         variants[f"reference + bf16 autocast + channels_last ({args.workers} workers)"] = lambda: imagefolder_epoch(
             folder, files, args.workers, bf16=True
         )
-        variants["fakecifar train, default (--precision auto: bf16 + channels_last)"] = lambda: engine_epoch(
+        variants["fakecifar train, default (--precision auto: bf16 + channels_last)"] = lambda: engine_run(
             data, "auto", None
-        )[1]
+        )
     best: dict[str, float] = {}
     for r in range(args.repeat):
         for name, fn in variants.items():

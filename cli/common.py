@@ -3,11 +3,14 @@ progress on stderr, JSON lines. Nothing here imports numpy, h5py or torch."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import typing
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import typer
 
@@ -18,6 +21,57 @@ ALLOW_INCOMPLETE = typer.Option(
     help="Read a directory even if its manifest.json is missing, says the run that wrote it was interrupted, "
     "or disagrees with its shards.",
 )
+
+
+def with_settings(*tables: Sequence[Any], panels: Sequence[str] = ()) -> Callable[[Callable], Callable]:
+    """Give a command one option per setting of `tables` (fakecifar.training.settings.Setting:
+    flags, help, panel and type come from there), so commands that share settings define none
+    of them themselves. The command is written `def run(<its own arguments and options>,
+    **values)` and receives the settings' values in `values` (None: not given). --help shows
+    the options grouped by `panels`, in that order, then the ungrouped ones."""
+
+    def decorate(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(fn)
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        derived = [
+            inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=_option(s), annotation=s.type)
+            for table in tables
+            for s in table
+        ]
+
+        def rank(p: inspect.Parameter) -> int:
+            if isinstance(p.default, typer.models.ArgumentInfo):
+                return -1
+            panel = getattr(p.default, "rich_help_panel", None)
+            return panels.index(panel) if panel in panels else len(panels)
+
+        params = sorted([*own, *derived], key=rank)
+
+        def command(**kwargs: Any) -> Any:
+            return fn(**kwargs)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__name__, command.__qualname__, command.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        command.__module__ = fn.__module__
+        return command
+
+    return decorate
+
+
+def _option(s: Any) -> Any:
+    switch = "/" in s.flags[0]
+    return typer.Option(
+        s.cli_default,
+        *s.flags,
+        help=s.help,
+        show_default=False if switch else s.show_default,
+        rich_help_panel=s.panel,
+    )
 
 
 class Settings:

@@ -5,119 +5,27 @@ column. Runs unchanged under torchrun (DDP). --recipe fast: the fastest CPU reci
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import typer
 
-from .common import ALLOW_INCOMPLETE, emit, input_paths, log, progress, require_inputs, warn
+from fakecifar.training.config import MODEL, PANELS, RUN_SETTINGS, TRAIN_SETTINGS
+
+from .common import ALLOW_INCOMPLETE, emit, input_paths, log, progress, require_inputs, warn, with_settings
 
 
+# Every option but these comes from the settings registry (fakecifar.training.config), where
+# `distill` finds the same definitions.
+@with_settings(RUN_SETTINGS, TRAIN_SETTINGS, panels=PANELS)
 def run(
     inputs: list[str] = typer.Argument(
         None, metavar="SHARDS", help="Training shards, directories or globs (or paths on stdin).", show_default=False
     ),
-    output: Path = typer.Option(
-        None, "--output", "-o", help="Checkpoint to write (.pt). Default with --resume: the resumed file."
+    list_models: bool = typer.Option(
+        False, "--list-models", help="List the architectures and exit.", rich_help_panel=MODEL
     ),
-    model: str = typer.Option(None, "--model", "-m", help="Architecture (see --list-models). Default: resnet20."),
-    list_models: bool = typer.Option(False, "--list-models", help="List the architectures and exit."),
-    recipe: str = typer.Option(
-        None,
-        "--recipe",
-        help="standard (the defaults below) or fast (CPU time-to-accuracy: "
-        "resnet20, 16 epochs, one-cycle, EMA, label smoothing, "
-        "whitened stem, alternating flips, flip TTA).",
-    ),
-    epochs: int = typer.Option(None, "--epochs", "-e", help="Epochs. Default: 30."),
-    batch_size: int = typer.Option(
-        None, "--batch-size", "-b", help="Global batch size (split over DDP processes). [default: 256]"
-    ),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate (SGD). Default: 0.1."),
-    momentum: float = typer.Option(None, "--momentum", help="SGD momentum. Default: 0.9."),
-    weight_decay: float = typer.Option(None, "--wd", "--weight-decay", help="Weight decay. Default: 5e-4."),
-    nesterov: bool = typer.Option(
-        None, "--nesterov/--no-nesterov", help="Nesterov momentum. Default: on.", show_default=False
-    ),
-    schedule: str = typer.Option(None, "--schedule", help="cosine, onecycle, multistep or constant. [default: cosine]"),
-    warmup: float = typer.Option(None, "--warmup", help="Epochs of linear warm-up (cosine/multistep/constant)."),
-    milestones: str = typer.Option(
-        None,
-        "--milestones",
-        help="multistep: epochs (or fractions <= 1) where the lr is multiplied by --gamma. Default: 0.5,0.75.",
-    ),
-    gamma: float = typer.Option(None, "--gamma", help="multistep factor. Default: 0.1."),
-    label_smoothing: float = typer.Option(None, "--label-smoothing", help="Label smoothing. Default: 0."),
-    augment: str = typer.Option(
-        None,
-        "--augment",
-        help="Batch augmentation on tensors: crop,flip (pad-crop by --pad, "
-        "horizontal flip), crop, flip or none. Default: crop,flip.",
-    ),
-    pad: int = typer.Option(None, "--pad", help="Padding of the random crop, pixels. Default: 4."),
-    flip: str = typer.Option(
-        None, "--flip", help="random, or alternate (each image flipped every other epoch). [default: random]"
-    ),
-    ema: float = typer.Option(
-        None,
-        "--ema",
-        help="Keep an exponential moving average of the weights with this decay per step and deliver it (e.g. 0.98).",
-    ),
-    tta: bool = typer.Option(None, "--tta/--no-tta", help="Validate on the image and its mirror.", show_default=False),
-    whiten: bool = typer.Option(
-        None,
-        "--whiten/--no-whiten",
-        help="Initialise the first conv as a patch-whitening filter bank.",
-        show_default=False,
-    ),
-    precision: str = typer.Option(
-        None,
-        "--precision",
-        help="auto (fp16/bf16 mixed precision on CUDA, bf16 on CPUs with "
-        "AMX, else fp32), fp32, bf16 or fp16. Default: auto.",
-    ),
-    channels_last: bool = typer.Option(
-        None,
-        "--channels-last/--no-channels-last",
-        help="NHWC memory layout. Default: on with CUDA or bf16.",
-        show_default=False,
-    ),
-    target: str = typer.Option(
-        None,
-        "--target",
-        help="class (labels), origin (real/fake, 2 classes) or origin+class "
-        "(2K classes 'real/cat' ...). Default: class.",
-    ),
-    soft: str = typer.Option(None, "--soft", help="Train on the shards' `logits` column: kl (softened KL) or l2."),
-    temperature: float = typer.Option(None, "--temperature", "-T", help="Temperature of --soft kl. Default: 4."),
-    alpha: float = typer.Option(
-        None, "--alpha", help="Weight of the soft loss; 1-alpha goes to hard labels. [default: 1]"
-    ),
-    val: list[str] = typer.Option(
-        None,
-        "--val",
-        help="Validation shards (repeatable): per-epoch val metrics, save-best on val loss, early stopping.",
-    ),
-    patience: int = typer.Option(None, "--patience", help="Stop after this many epochs without a better val loss."),
-    resume: Path = typer.Option(
-        None,
-        "--resume",
-        help="Continue from a checkpoint written by train: its data, "
-        "--val data and options are reused unless given again here "
-        "(typically --epochs to go further).",
-    ),
-    onnx: bool = typer.Option(
-        False, "--onnx", help="Also export OUTPUT with suffix .onnx (onnxruntime, normalization baked in)."
-    ),
-    log_file: Path = typer.Option(None, "--log", help="Append one JSON line per epoch to this file."),
-    seed: int = typer.Option(None, "--seed", help="Random seed (init, shuffling, augmentation). Default: 0."),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N. Default: auto."),
-    threads: int = typer.Option(
-        None,
-        "--threads",
-        help="CPU threads for torch (default: torch's, one per core). Use 1 per job when several jobs share the cores.",
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     allow_incomplete: bool = ALLOW_INCOMPLETE,
+    **values: Any,
 ) -> None:
     if list_models:
         from tabulate import tabulate
@@ -127,7 +35,10 @@ def run(
         emit(tabulate(model_table(), headers=["model", "params", "description"]))
         return
     from fakecifar.errors import UsageError
+    from fakecifar.training.settings import check_values, from_command_line
 
+    opts = from_command_line(RUN_SETTINGS, values)
+    output, resume, val, log_file = opts["output"], opts["resume"], opts["val"], opts["log_path"]
     if output is None:
         if resume is None:
             raise UsageError("Missing option '--output' / '-o'", "name the checkpoint to write, e.g. -o model.pt")
@@ -143,47 +54,10 @@ def run(
     if not val and stored_val:
         val = stored_val
 
-    milestone_list = None
-    if milestones is not None:
-        try:
-            milestone_list = [float(m) for m in milestones.split(",") if m.strip()]
-        except ValueError as exc:
-            raise UsageError(
-                f"--milestones {milestones!r} is not a list of numbers", "e.g. 100,150 or 0.5,0.75"
-            ) from exc
-    config = make_config(
-        recipe,
-        base,
-        model=model,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        schedule=schedule,
-        warmup=warmup,
-        milestones=milestone_list,
-        gamma=gamma,
-        label_smoothing=label_smoothing,
-        augment=augment,
-        pad=pad,
-        flip=flip,
-        ema=ema,
-        tta=tta,
-        whiten=whiten,
-        precision=precision,
-        channels_last=channels_last,
-        target=target,
-        soft=soft,
-        temperature=temperature,
-        alpha=alpha,
-        seed=seed,
-        device=device,
-        patience=patience,
-    )
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
+    options = from_command_line(TRAIN_SETTINGS, values)  # parsed: --milestones 0.5,0.75 -> [0.5, 0.75]
+    config = make_config(options.pop("recipe"), base, **options)
+    check_values(RUN_SETTINGS, opts)
+    threads, onnx, overwrite = opts["threads"], opts["onnx"], opts["overwrite"]
     dist = dist_from_env()
     # Refuse what needs no data (existing, unwritable or too long outputs, another architecture
     # on --resume) before any shard is opened: not after an epoch.

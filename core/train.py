@@ -484,8 +484,10 @@ def _model(
         sample = BatchLoader(data, 5000, mean=mean, std=std, columns=(), indices=sample_rows)
         whiten_init(model, next(iter(sample))[0])
     if fresh and getattr(model, "needs_fit", False):
-        sample_rows = np.sort(np.random.default_rng(config.seed).permutation(rows)[: model.fit_images])
-        model.fit_unsupervised(
+        # Models with a data-derived part (pca-logreg's PCA basis) fit it before the first step.
+        fitted: Any = model
+        sample_rows = np.sort(np.random.default_rng(config.seed).permutation(rows)[: fitted.fit_images])
+        fitted.fit_unsupervised(
             x for (x,) in BatchLoader(data, 1024, mean=mean, std=std, columns=(), indices=sample_rows)
         )
     return model

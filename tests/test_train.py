@@ -288,7 +288,7 @@ def test_resume_needs_training_state(cli, data, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_weights(cli, data, val, tmp_path, monkeypatch):
-    import fakecifar.train as tr
+    import fakecifar.training.classification as tr
 
     losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0])
     seen = []
@@ -311,7 +311,7 @@ def test_early_stopping_keeps_the_best_weights(cli, data, val, tmp_path, monkeyp
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cli, data, tmp_path, monkeypatch):
-    import fakecifar.train as tr
+    import fakecifar.training.classification as tr
 
     real = tr.hard_loss
     calls = {"n": 0}
@@ -358,6 +358,7 @@ def test_ctrl_c_saves_state_and_resume_continues(cli, data, tmp_path):
     )
     lines = []
     deadline = time.monotonic() + 120
+    assert proc.stderr is not None
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         lines.append(line)
@@ -441,7 +442,9 @@ def test_whitening_init_whitens_patches():
     images = base + 0.5 * base.roll(1, dims=1)  # correlated channels
     model = build_model("resnet20", 3)
     assert whiten_init(model, images)
-    w = model.conv1.weight.detach()
+    conv = model.conv1
+    assert isinstance(conv, torch.nn.Conv2d)
+    w = conv.weight.detach()
     assert torch.allclose(w[:8], -w[8:16])
     # the filters decorrelate: their responses on the patches have ~diagonal covariance
     resp = torch.nn.functional.conv2d(images, w[:8]).permute(0, 2, 3, 1).reshape(-1, 8)
@@ -618,7 +621,7 @@ def _inject_enospc(monkeypatch, module, suffix: str, skip: int = 0, budget: int 
 def test_injected_enospc_is_one_line_and_keeps_earlier_files(cli, data, tmp_path, monkeypatch, where):
     """The same faults without a mount: OSError(ENOSPC) from the file's write."""
     import fakecifar.outputs
-    import fakecifar.train
+    import fakecifar.training.callbacks
 
     out, log_file = tmp_path / "m.pt", tmp_path / "log.jsonl"
     if where == "checkpoint":  # the epoch-2 save fails inside torch.save
@@ -628,7 +631,7 @@ def test_injected_enospc_is_one_line_and_keeps_earlier_files(cli, data, tmp_path
         _inject_enospc(monkeypatch, fakecifar.outputs, ".onnx.partial")
         failed = out.with_suffix(".onnx")
     else:  # the first line of the log (the creation of the empty log succeeds: it writes nothing)
-        _inject_enospc(monkeypatch, fakecifar.train, ".jsonl", budget=0)
+        _inject_enospc(monkeypatch, fakecifar.training.callbacks, ".jsonl", budget=0)
         failed = log_file
     r = cli(
         "train", data, *FAST, "--epochs", "2" if where == "checkpoint" else "1", "-o", out, "--onnx", "--log", log_file
@@ -647,7 +650,7 @@ def test_injected_enospc_is_one_line_and_keeps_earlier_files(cli, data, tmp_path
 # MARK on stderr: the signal lands mid-epoch on every run, however slow or fast the machine.
 _TRAIN_UNTIL_SIGTERM = """
 import signal, sys, time
-import fakecifar.train as tr
+import fakecifar.training.sources as tr
 from fakecifar.cli.app import main
 
 real = tr.step_generator
@@ -681,6 +684,7 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_epoch_logs_the_whole_epoch(cli,
         env=env,
     )
     lines = []
+    assert proc.stderr is not None
     for line in proc.stderr:
         lines.append(line)
         if line.strip() == "MARK":
@@ -790,7 +794,7 @@ def test_read_only_filesystem_is_refused_before_any_data(cli, tmpfs_dir, no_data
 
 
 def test_sigterm_during_validation_stops_at_the_epoch_boundary(cli, data, val, tmp_path, monkeypatch):
-    import fakecifar.train as tr
+    import fakecifar.training.classification as tr
 
     real = tr._validate
     calls = {"n": 0}

@@ -24,7 +24,8 @@ FLIPS = ("random", "alternate")
 TARGETS = ("class", "origin", "origin+class")
 
 # The sections of --help, in this order (fakecifar.cli.common.with_settings).
-MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME = (
+RECIPE, MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME = (
+    "Recipe",
     "Model and targets",
     "Optimization",
     "Augmentation",
@@ -32,7 +33,7 @@ MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME = (
     "Output and resume",
     "Runtime",
 )
-PANELS = (MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME)
+PANELS = (RECIPE, MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME)
 
 
 def _resolve_model(name: str) -> str:
@@ -218,7 +219,7 @@ class TrainConfig:
         "--recipe",
         help="standard (the defaults below) or fast (CPU time-to-accuracy: resnet20, 16 epochs, one-cycle, EMA, "
         "label smoothing, whitened stem, alternating flips, flip TTA).",
-        panel=MODEL,
+        panel=RECIPE,
     )
 
     def to_dict(self) -> dict:

@@ -75,7 +75,9 @@ def settings_of(cls: type, exclude: Iterable[str] = ()) -> tuple[Setting, ...]:
         spec = f.metadata.get("setting")
         if spec is None or f.name in skip:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         spec = dict(spec)
         spec.setdefault("type", str if spec.get("parse") else _plain_type(hints[f.name]))
         out.append(Setting(name=f.name, default=default, **spec))
