@@ -19,7 +19,7 @@ from typer._click import exceptions as click_exceptions
 
 from fakecifar import __version__
 
-from . import confusion, detect, eval, import_, mine, resize, serve, split, stats, train
+from . import confusion, detect, distill, eval, import_, mine, resize, serve, split, stats, train
 from .common import Settings
 
 app = typer.Typer(
@@ -47,6 +47,7 @@ COMMANDS = {  # in the order of a study: get data, prepare it, train, evaluate, 
     "stats": stats,
     "split": split,
     "train": train,
+    "distill": distill,
     "eval": eval,
     "confusion": confusion,
     "serve": serve,

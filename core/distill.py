@@ -35,42 +35,19 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .answers import LOG_FLOOR, Answers, OutputMode, parse_mode
+from .answers import LOG_FLOOR, OutputMode
+from .distill_config import LOSSES, DistillSettings
 from .errors import UsageError
 from .shards import ShardSeriesWriter, ShardSet, open_dataset_output, producer, provenance_of
 from .text import format_classes, format_size
 
-LOSSES = ("kl", "l1", "l2", "ce")
 TRANSFER_SUFFIX = ".transfer"
-
-
-@dataclass
-class DistillSettings:
-    """What distillation adds to a training run. Stored in the student's metadata."""
-
-    teacher: str = ""
-    teacher_arch: str | None = None  # for foreign .th state dicts ("auto" guesses)
-    mode: str | None = None  # the output mode asked of the teacher (None: the teacher's own)
-    queries: int | None = None  # the hard budget of charged images
-    online: bool = False
-    loss: str | None = None  # kl | l1 | l2 | ce; None: kl, or ce for a label-only teacher
-    temperature: float = 4.0
-    alpha: float = 1.0
-    save_transfer: str | None = None
-    map_classes: bool = False
-    query_batch: int = 256
-    api_key_env: str | None = None
-    cache: bool = True
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def resolve_loss(settings: DistillSettings, mode: OutputMode) -> str:
@@ -79,16 +56,16 @@ def resolve_loss(settings: DistillSettings, mode: OutputMode) -> str:
     if loss not in LOSSES:
         raise UsageError(f"unknown --loss {loss!r}", f"use {', '.join(LOSSES)}")
     if mode.kind == "label" and loss != "ce":
-        raise UsageError(f"--loss {loss} needs soft answers, but the teacher answers {mode}",
-                         "use --loss ce (teacher labels), or a teacher mode that gives probabilities")
-    if not settings.temperature > 0:
-        raise UsageError(f"--temperature must be positive, got {settings.temperature}")
-    if not 0 <= settings.alpha <= 1:
-        raise UsageError(f"--alpha must be in [0, 1], got {settings.alpha}")
+        raise UsageError(
+            f"--loss {loss} needs soft answers, but the teacher answers {mode}",
+            "use --loss ce (teacher labels), or a teacher mode that gives probabilities",
+        )
     return loss
 
 
-def class_map(teacher_classes: list[str], data_classes: list[str], *, map_classes: bool, what: str) -> np.ndarray | None:
+def class_map(
+    teacher_classes: list[str], data_classes: list[str], *, map_classes: bool, what: str
+) -> np.ndarray | None:
     """Transfer label -> teacher class index (None when they are the same list). Classes the
     teacher does not know map to -1 (unlabeled for the student)."""
     if teacher_classes == data_classes:
@@ -98,8 +75,10 @@ def class_map(teacher_classes: list[str], data_classes: list[str], *, map_classe
         raise UsageError(
             f"the teacher's classes {format_classes(teacher_classes)} differ from {what}'s "
             f"{format_classes(data_classes)}",
-            "same names in another order: pass --map-classes" if same_names
-            else "pass --map-classes to match classes by name (the student learns the teacher's classes)")
+            "same names in another order: pass --map-classes"
+            if same_names
+            else "pass --map-classes to match classes by name (the student learns the teacher's classes)",
+        )
     index = {name: i for i, name in enumerate(teacher_classes)}
     return np.array([index.get(name, -1) for name in data_classes], dtype=np.int64)
 
@@ -125,15 +104,30 @@ class LabelReport:
     already_complete: bool = False
 
 
-def label_transfer(teacher, ledger, transfer: ShardSet, out_dir: str | os.PathLike, *, rows: np.ndarray,
-                   mapping: np.ndarray | None, shard_size: int = 10_000, batch: int = 256,
-                   overwrite: bool = False, on_progress: Callable[[int], None] | None = None) -> LabelReport:
+def label_transfer(
+    teacher,
+    ledger,
+    transfer: ShardSet,
+    out_dir: str | os.PathLike,
+    *,
+    rows: np.ndarray,
+    mapping: np.ndarray | None,
+    shard_size: int = 10_000,
+    batch: int = 256,
+    overwrite: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> LabelReport:
     """Ask the teacher (through the ledger) about transfer rows `rows` (sorted) and write them,
     with every transfer column, plus `logits` and `teacher_labels`, as shards in `out_dir`.
     Resumable: a rerun keeps the finished shards (and the ledger's cache answers what was
     asked before, free)."""
-    params = {"transfer": [str(p.resolve()) for p in transfer.paths], "teacher": teacher.identity(),
-              "mode": str(teacher.mode), "rows": _digest(rows), "shard_size": shard_size}
+    params = {
+        "transfer": [str(p.resolve()) for p in transfer.paths],
+        "teacher": teacher.identity(),
+        "mode": str(teacher.mode),
+        "rows": _digest(rows),
+        "shard_size": shard_size,
+    }
     output = open_dataset_output(out_dir, command="distill", params=params, overwrite=overwrite)
     report = LabelReport(Path(out_dir), available=len(transfer))
     try:
@@ -150,28 +144,38 @@ def _label_into(output, teacher, ledger, transfer, rows, mapping, shard_size, ba
     if output.already_complete:
         report.shards, report.images, report.already_complete = output.finished_paths, output.finished_images, True
         return
-    chain = provenance_of(transfer.shards) + [{"step": "distill-label", "teacher": teacher.describe(),
-                                                "mode": str(teacher.mode), "images": int(len(rows))}]
-    writer = ShardSeriesWriter(output.directory, shard_size=shard_size, classes=teacher.classes,
-                               image_size=transfer.image_size, producer=producer("distill"), provenance=chain,
-                               overwrite=output.overwrite, dataset=output)
+    chain = provenance_of(transfer.shards) + [
+        {"step": "distill-label", "teacher": teacher.describe(), "mode": str(teacher.mode), "images": int(len(rows))}
+    ]
+    writer = ShardSeriesWriter(
+        output.directory,
+        shard_size=shard_size,
+        classes=teacher.classes,
+        image_size=transfer.image_size,
+        producer=producer("distill"),
+        provenance=chain,
+        overwrite=output.overwrite,
+        dataset=output,
+    )
     columns = [c for c in transfer.columns if c not in ("logits", "teacher_labels")]
     try:
-        todo = rows[output.finished_images:]
+        todo = rows[output.finished_images :]
         if on_progress and output.finished_images:
             on_progress(output.finished_images)
         for start in range(0, len(todo), batch):
-            index = todo[start:start + batch]
+            index = todo[start : start + batch]
             data = {c: transfer.take(c, index) for c in columns}
             images = data.pop("images")
             answers = ledger.ask(teacher, images.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255))
-            soft = answers.log_probs if answers.log_probs is not None else one_hot_log(answers.labels,
-                                                                                      teacher.num_classes)
+            soft = (
+                answers.log_probs if answers.log_probs is not None else one_hot_log(answers.labels, teacher.num_classes)
+            )
             labels = data.pop("labels")
             if mapping is not None:
                 labels = np.where(labels >= 0, mapping[np.clip(labels, 0, None)], -1)
-            writer.add_batch(images, labels, logits=soft.astype(np.float32),
-                             teacher_labels=answers.labels.astype(np.int16), **data)
+            writer.add_batch(
+                images, labels, logits=soft.astype(np.float32), teacher_labels=answers.labels.astype(np.int16), **data
+            )
             if on_progress:
                 on_progress(len(index))
         writer.close()
@@ -193,12 +197,225 @@ def default_transfer_dir(output: str | os.PathLike) -> Path:
 
 def check_transfer(teacher, transfer: ShardSet, what: str = "the transfer set") -> None:
     if tuple(transfer.image_size) != tuple(teacher.input_size):
-        raise UsageError(f"{transfer.paths[0]}: {what} has {format_size(transfer.image_size)} images, the teacher "
-                         f"takes {format_size(teacher.input_size)}",
-                         f"resize them first: fakecifar resize --size {format_size(teacher.input_size)}")
+        raise UsageError(
+            f"{transfer.paths[0]}: {what} has {format_size(transfer.image_size)} images, the teacher "
+            f"takes {format_size(teacher.input_size)}",
+            f"resize them first: fakecifar resize --size {format_size(teacher.input_size)}",
+        )
     if len(transfer) == 0:
         raise UsageError(f"{transfer.paths[0]}: {what} holds no images", "give shards with images")
 
 
 def settings_json(settings: DistillSettings) -> str:
     return json.dumps(settings.to_dict(), sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class DistillResult:
+    checkpoint: Path | None
+    onnx: Path | None
+    history: list[dict]
+    stopped: str  # completed | early-stop | budget
+    ledger: dict[str, Any]  # the query ledger's summary
+    ledger_lines: list[str]
+    labelled: LabelReport | None = None  # offline: the labelled transfer set
+    val_metrics: dict[str, float] = field(default_factory=dict)  # student accuracy, teacher agreement
+
+
+def distill(
+    transfer: ShardSet,
+    output: str | os.PathLike,
+    config,
+    settings: DistillSettings,
+    *,
+    val: ShardSet | None = None,
+    resume: str | os.PathLike | None = None,
+    onnx: bool = False,
+    overwrite: bool = False,
+    log_path: str | os.PathLike | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
+    on_label: Callable[[int], None] | None = None,
+) -> DistillResult:
+    """Distill `settings.teacher` into a student `config.model` on `transfer`; see the module doc."""
+    from .ledger import QueryLedger, choose_subset, ledger_path
+    from .shards import open_shards
+    from .teachers import open_teacher
+    from .train import check_outputs, dist_from_env, train
+
+    say = on_message or (lambda _: None)
+    dist = dist_from_env()
+    if dist.enabled:
+        raise UsageError(
+            "distill runs in one process for now (its query ledger is not shared across ranks)",
+            "run it without torchrun",
+        )
+    output = Path(output)
+    check_outputs(
+        output,
+        config,
+        resume=Path(resume) if resume else None,
+        onnx=onnx,
+        overwrite=overwrite,
+        log_path=Path(log_path) if log_path else None,
+        dist=dist,
+    )
+    if settings.queries is not None and settings.queries < config.batch_size:
+        raise UsageError(
+            f"--queries {settings.queries} is smaller than one batch ({config.batch_size} images)",
+            "raise --queries or lower --batch-size",
+        )
+    teacher = open_teacher(
+        settings.teacher,
+        mode=settings.mode,
+        arch=settings.teacher_arch,
+        api_key_env=settings.api_key_env,
+        batch_size=settings.query_batch,
+    )
+    with teacher:
+        loss = resolve_loss(settings, teacher.mode)
+        check_transfer(teacher, transfer)
+        mapping = class_map(
+            teacher.classes, list(transfer.classes), map_classes=settings.map_classes, what="the transfer set"
+        )
+        if val is not None and list(val.classes) != teacher.classes:
+            raise UsageError(
+                f"{val.paths[0]}: --val classes {format_classes(val.classes)} differ from the teacher's "
+                f"{format_classes(teacher.classes)}",
+                "give --val shards of the teacher's classes",
+            )
+        if mapping is not None and settings.online:
+            raise UsageError(
+                "--map-classes works offline only", "drop --online, or give a transfer set of the teacher's classes"
+            )
+        ledger = QueryLedger(ledger_path(output), budget=settings.queries, teacher=teacher, cache=settings.cache)
+        with ledger:
+            train_config = _student_config(config, loss, settings)
+            labelled = None
+            if settings.online:
+                data = transfer
+                task = _online_task(teacher, ledger)
+            else:
+                rows = choose_subset(len(transfer), ledger.budget, config.seed)
+                if len(rows) < len(transfer):
+                    ledger.note_subset(len(transfer), len(rows), config.seed)
+                    say(
+                        f"the budget allows {len(rows):,} of the {len(transfer):,} transfer images: querying a "
+                        f"seeded random subset (seed {config.seed})"
+                    )
+                where = Path(settings.save_transfer) if settings.save_transfer else default_transfer_dir(output)
+                labelled = label_transfer(
+                    teacher,
+                    ledger,
+                    transfer,
+                    where,
+                    rows=rows,
+                    mapping=mapping,
+                    batch=settings.query_batch,
+                    overwrite=overwrite and not resume,
+                    on_progress=on_label,
+                )
+                say(
+                    f"labelled transfer set: {labelled.images:,} images in {where}"
+                    + (f" ({labelled.resumed_images:,} from an earlier run)" if labelled.resumed_images else "")
+                )
+                data = open_shards([where])
+                task = None
+            meta = {
+                "distill": {
+                    **settings.to_dict(),
+                    "loss": loss,
+                    "mode": str(teacher.mode),
+                    "teacher_describe": teacher.describe(),
+                    "transfer": [str(p) for p in transfer.paths],
+                    "labelled_transfer": [str(p) for p in data.paths] if labelled is not None else None,
+                }
+            }
+            result = train(
+                data,
+                output,
+                train_config,
+                val=val,
+                resume=resume,
+                onnx=onnx,
+                overwrite=overwrite,
+                log_path=log_path,
+                on_epoch=on_epoch,
+                on_step=on_step,
+                dist=dist,
+                task=task,
+                extra_info=lambda: {**meta, "queries": ledger.summary()},
+                logits_column=not settings.online,
+            )
+            metrics = _agreement(output, teacher, val, ledger) if val is not None else {}
+            summary, lines = ledger.summary(), ledger.report_lines()
+    return DistillResult(
+        result.checkpoint, result.onnx, result.history, result.stopped, summary, lines, labelled, metrics
+    )
+
+
+def _student_config(config, loss: str, settings: DistillSettings):
+    """The training configuration of the student: the teacher's term is a soft-target loss."""
+    from dataclasses import replace
+
+    return replace(config, soft=loss)
+
+
+def _online_task(teacher, ledger):
+    """A task factory for train(): a ClassificationTask whose soft targets are the teacher's
+    answers to this step's augmented images, asked through the ledger (each view is a query).
+    A spent budget ends the run at that step, saved (StopTraining)."""
+    import torch
+
+    from .teachers import BudgetExhausted
+    from .training.classification import ClassificationTask
+    from .training.stopping import StopTraining
+
+    class OnlineDistillation(ClassificationTask):
+        def __init__(self, config, num_classes, *, val, mean, std):
+            super().__init__(config, num_classes, val=val)
+            self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+            self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+        def soft_targets(self, x, cols, ctx):
+            images = (x.detach().float().cpu() * self.std + self.mean).clamp_(0.0, 1.0).contiguous()
+            try:
+                answers = ledger.ask(teacher, images.numpy())
+            except BudgetExhausted as exc:
+                raise StopTraining("budget", str(exc)) from exc
+            soft = (
+                answers.log_probs if answers.log_probs is not None else one_hot_log(answers.labels, teacher.num_classes)
+            )
+            return torch.from_numpy(soft).to(x.device)
+
+    return OnlineDistillation
+
+
+def _agreement(output: Path, teacher, val: ShardSet, ledger) -> dict[str, float]:
+    """Student accuracy on --val and its agreement with the teacher's top-1 there. The teacher's
+    answers on --val are queries too: they go through the same ledger and its budget (when the
+    budget runs out, agreement covers the images asked so far)."""
+    from .teachers import BudgetExhausted, open_teacher
+
+    student = open_teacher(output, mode="label")  # the student's own answers: not queries
+    labels = val.read("labels").astype(np.int64)
+    correct = agree = asked = 0
+    budget_left = True
+    for start, chunk in val.iter_chunks(("images",), rows=512):
+        x = chunk["images"].transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
+        predicted = student.query(x).labels
+        correct += int((predicted == labels[start : start + len(x)]).sum())
+        if budget_left:
+            try:
+                agree += int((predicted == ledger.ask(teacher, x).labels).sum())
+                asked += len(x)
+            except BudgetExhausted:
+                budget_left = False
+    out = {"val_acc": correct / max(len(val), 1), "val_images": float(len(val))}
+    if asked:
+        out.update(teacher_agreement=agree / asked, agreement_images=float(asked))
+    return out

@@ -77,6 +77,7 @@ from .training.schedules import lr_factor, schedule_of
 from .training.sources import ShardBatches
 from .training.stopping import StopFlag as _StopFlag
 from .training.stopping import TrainingDiverged, TrainingInterrupted
+from .training.task import Task
 
 __all__ = [
     "EMA",
@@ -259,9 +260,18 @@ def train(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     dist: Dist | None = None,
+    task: Callable[..., Task] | None = None,
+    extra_info: Callable[[], Mapping[str, Any]] | None = None,
+    logits_column: bool | None = None,
 ) -> TrainResult:
     """Train `config.model` on `data`; write `output` (.pt) after every epoch and, with `onnx`,
-    `output` with suffix .onnx at the end. See the module docstring for the details."""
+    `output` with suffix .onnx at the end. See the module docstring for the details.
+
+    `task(config, num_classes, val=val_loader, mean=, std=)` makes the task instead of a
+    ClassificationTask (distillation plugs in here); `extra_info()` is merged into the
+    checkpoint's `train` metadata at every save (e.g. a query ledger's summary);
+    `logits_column` says whether batches carry the data's `logits` (default: with --soft; an
+    online distillation task asks its teacher instead)."""
     dist = dist or dist_from_env()
     output = Path(output)
     resume_path = Path(resume) if resume else None
@@ -278,7 +288,8 @@ def train(
                 f"{resume_path}: training already finished ({int(state.get('epoch', 0))} of {config.epochs} epochs)",
                 "pass a larger --epochs to continue",
             )
-    classes = _check_data(data, val, config, resume_path, stored_meta)
+    logits_column = config.soft is not None if logits_column is None else logits_column
+    classes = _check_data(data, val, config, resume_path, stored_meta, logits_column)
     log = JsonlLog(log_path, append=resume_path is not None) if log_path and dist.main else None
     if dist.main:
         try:
@@ -306,7 +317,7 @@ def train(
             else (device.type == "cuda" or amp_dtype is not None)
         )
         torch.manual_seed(config.seed)
-        source, val_loader = _sources(data, val, rows, config, mean, std, device, channels_last, dist)
+        source, val_loader = _sources(data, val, rows, config, mean, std, device, channels_last, dist, logits_column)
         model = _model(data, rows, config, len(classes), mean, std, fresh=not state)
         meta = {
             "arch": config.model,
@@ -334,7 +345,7 @@ def train(
             Checkpoint(
                 output,
                 meta=meta,
-                info=info,
+                info=(lambda: {**info, **extra_info()}) if extra_info else info,
                 args=config.to_dict,
                 build=lambda: build_model(config.model, len(classes), **config.arch_kwargs),
                 best=best,
@@ -344,7 +355,7 @@ def train(
         ]
         engine = Engine(
             model,
-            ClassificationTask(config, len(data.classes), val=val_loader),
+            (task or _classification)(config, len(data.classes), val=val_loader, mean=mean, std=std),
             source,
             epochs=config.epochs,
             schedule=schedule_of(config, len(source)),
@@ -369,12 +380,17 @@ def train(
     )
 
 
+def _classification(config: TrainConfig, num_classes: int, *, val, mean, std) -> ClassificationTask:
+    return ClassificationTask(config, num_classes, val=val)
+
+
 def _check_data(
     data: ShardSet,
     val: ShardSet | None,
     config: TrainConfig,
     resume_path: Path | None,
     stored_meta: Mapping[str, Any] | None,
+    logits_column: bool,
 ) -> list[str]:
     """The target classes, once the data is known to fit the request (targets, validation data of
     the same classes and size, a `logits` column for soft targets, the resumed run's classes)."""
@@ -399,7 +415,7 @@ def _check_data(
             f"from the training data's {format_classes(classes)}",
             "resume on the data it was trained on",
         )
-    if config.soft is not None:
+    if logits_column:
         if "logits" not in data.columns:
             raise UsageError(
                 f"{data.paths[0]}: --soft needs a 'logits' column (teacher outputs)",
@@ -424,9 +440,10 @@ def _sources(
     device: torch.device,
     channels_last: bool,
     dist: Dist,
+    logits_column: bool,
 ) -> tuple[ShardBatches, BatchLoader | None]:
     """The training batches (this process's slice, augmented) and the validation loader."""
-    columns = needed_columns(config.target) + (("logits",) if config.soft is not None else ())
+    columns = needed_columns(config.target) + (("logits",) if logits_column else ())
     per_rank_batch = max(1, config.batch_size // dist.world_size)
     loader = BatchLoader(
         data,

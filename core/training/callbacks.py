@@ -132,7 +132,7 @@ class Checkpoint(Callback):
         output: Path,
         *,
         meta: Mapping[str, Any],
-        info: Mapping[str, Any],
+        info: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
         args: Callable[[], dict],
         build: Callable[[], nn.Module],
         best: SaveBest | None = None,
@@ -149,7 +149,7 @@ class Checkpoint(Callback):
         holder.load_state_dict(self.deliverable(engine))
         best = self.best or SaveBest(enabled=False)
         train_meta = {
-            **self.info,
+            **(self.info() if callable(self.info) else self.info),
             "args": self.args(),
             "epochs_done": epoch,
             "stopped": stopped,

@@ -22,12 +22,18 @@ from .task import StepContext, StepOutput, Task
 
 
 def soft_loss(kind: str, logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Distillation loss: KL(teacher_T || student_T) * T^2 (Hinton et al.) or MSE of the logits."""
+    """Distillation loss against the teacher's logits (or log-probabilities): KL(teacher_T ||
+    student_T) * T^2 (Hinton et al.), mean absolute (l1) or squared (l2) error of the logits, or
+    cross-entropy on the teacher's top-1 class (ce: all a label-only teacher gives)."""
     if kind == "kl":
         t = temperature
         return F.kl_div(
             F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean", log_target=True
         ) * (t * t)
+    if kind == "l1":
+        return F.l1_loss(logits, teacher)
+    if kind == "ce":
+        return F.cross_entropy(logits, teacher.argmax(1))
     return F.mse_loss(logits, teacher)
 
 

@@ -19,7 +19,7 @@ from .settings import Setting, check_values, parse_numbers, setting, settings_of
 
 SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SOFT_LOSSES = ("kl", "l2")
+SOFT_LOSSES = ("kl", "l1", "l2", "ce")
 FLIPS = ("random", "alternate")
 TARGETS = ("class", "origin", "origin+class")
 
@@ -173,8 +173,9 @@ class TrainConfig:
     soft: str | None = setting(
         None,
         "--soft",
-        help="Train on the shards' `logits` column: kl (softened KL) or l2.",
-        check=(lambda v: v in (None, *SOFT_LOSSES), "unknown --soft {v!r} (use kl or l2)"),
+        help="Train on the shards' `logits` column: kl (softened KL), l1 or l2 (on the logits), or ce "
+        "(cross-entropy on their top-1 class).",
+        check=(lambda v: v in (None, *SOFT_LOSSES), "unknown --soft {v!r} (use kl, l1, l2 or ce)"),
         panel=MODEL,
     )
     temperature: float = setting(

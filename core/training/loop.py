@@ -29,7 +29,7 @@ from .callbacks import Callback
 from .ema import EMA
 from .runtime import Dist, all_sum, any_rank
 from .sources import BatchSource
-from .stopping import StopFlag, diverged
+from .stopping import StopFlag, StopTraining, diverged
 from .task import StepContext, Task
 
 F64 = torch.float64
@@ -129,7 +129,10 @@ class Engine:
         stopped = "completed"
         with StopFlag(self.command) as stop:
             for epoch in range(self.start_epoch, self.epochs):
-                record = self._train_epoch(epoch, stop)
+                try:
+                    record = self._train_epoch(epoch, stop)
+                except StopTraining as exc:  # the task ended the run mid-epoch (state saved)
+                    return exc.status
                 done = epoch + 1
                 self.stop_reason = None
                 for cb in self.callbacks:
@@ -169,7 +172,13 @@ class Engine:
             for opt, bases in zip(self.optimizers, self.base_lrs):
                 for group, base in zip(opt.param_groups, bases):
                     group["lr"] = base * factor
-            out = self.task.step(batch, ctx)
+            try:
+                out = self.task.step(batch, ctx)
+            except StopTraining as exc:
+                self._save_partial(
+                    epoch, step_index, loss_sum, correct, seen + seen_before, time_before, start, exc.status
+                )
+                raise
             if self.ema:
                 self.ema.update(self.model)
             self.global_step += 1
@@ -189,17 +198,9 @@ class Engine:
             if nan_now:
                 raise diverged(self.output, epoch, step, self.last_saved)
             if stop_now:
-                sums = torch.stack(
-                    [loss_sum, correct, torch.tensor(float(seen + seen_before), dtype=F64, device=device)]
+                self._save_partial(
+                    epoch, step, loss_sum, correct, seen + seen_before, time_before, start, "interrupted"
                 )
-                loss_total, correct_total, seen_total = all_sum(sums, self.dist).tolist()
-                partial = {
-                    "loss_sum": loss_total,
-                    "correct": correct_total,
-                    "seen": int(seen_total),
-                    "time_s": time_before + time.perf_counter() - start,
-                }
-                self.save(epoch, step, "interrupted", partial=partial)
                 where = f"in epoch {epoch + 1}/{self.epochs} after step {step}/{self.steps_per_epoch}"
                 raise stop.interrupted(where, self.output)
             for cb in self.callbacks:
@@ -229,6 +230,28 @@ class Engine:
         record["elapsed_s"] = self.elapsed_before + time.perf_counter() - self.run_start
         self.history.append(record)
         return record
+
+    def _save_partial(
+        self,
+        epoch: int,
+        step: int,
+        loss_sum: torch.Tensor,
+        correct: torch.Tensor,
+        seen: int,
+        time_before: float,
+        start: float,
+        stopped: str,
+    ) -> None:
+        """Save mid-epoch, after `step` steps, with the epoch's sums so far (for its record on resume)."""
+        sums = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=F64, device=self.device)])
+        loss_total, correct_total, seen_total = all_sum(sums, self.dist).tolist()
+        partial = {
+            "loss_sum": loss_total,
+            "correct": correct_total,
+            "seen": int(seen_total),
+            "time_s": time_before + time.perf_counter() - start,
+        }
+        self.save(epoch, step, stopped, partial=partial)
 
     # ------------------------------------------------------------------------- resume state
 

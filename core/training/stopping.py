@@ -27,6 +27,16 @@ class TrainingInterrupted(FakecifarError):
         self.exit_code = 128 + self.signum
 
 
+class StopTraining(Exception):  # noqa: N818 - a control-flow signal, like StopIteration
+    """Raised by a task's `step` before it changes anything (e.g. its query budget is spent):
+    the run ends at that step, its state saved mid-epoch as on a signal (so a resume with more
+    budget goes on from there), and `Engine.run` returns `status`."""
+
+    def __init__(self, status: str, message: str = ""):
+        super().__init__(message or status)
+        self.status, self.message = status, message
+
+
 def diverged(output: Path, epoch: int, step: int, last_saved: int | None, what: str = "loss") -> TrainingDiverged:
     kept = f"{output} keeps the last good weights (epoch {last_saved})" if last_saved else "no checkpoint was written"
     return TrainingDiverged(

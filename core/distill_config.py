@@ -1,0 +1,138 @@
+"""The settings of `fakecifar distill` beyond the student's training (fakecifar.training.config):
+the teacher, what to ask it and how much. Each is defined once, here, with its flags, help and
+check (fakecifar.training.settings); the command derives its options from them.
+
+No numpy or torch here (the CLI imports this module to build its --help).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import UsageError
+from .training.settings import setting, settings_of
+
+LOSSES = ("kl", "l1", "l2", "ce")
+DISTILL = "Teacher and queries"  # the --help section of the settings below
+
+
+def _normalize_mode(value: str | None) -> str | None:
+    from .answers import parse_mode
+
+    return None if value is None else str(parse_mode(value))
+
+
+def _parse_queries(text: str) -> int:
+    from .ledger import parse_budget
+
+    value = parse_budget(text)
+    if value is None:
+        raise UsageError(f"bad --queries {text!r}", "give a number of images, e.g. 20000 or 20k")
+    return value
+
+
+@dataclass
+class DistillSettings:
+    """What distillation adds to a training run (TrainConfig: the student's training, whose
+    --temperature, --alpha and --seed apply). Each field is a setting of `fakecifar distill`
+    (fakecifar.training.settings); stored in the student's metadata."""
+
+    teacher: str = setting(
+        "",
+        "--teacher",
+        help="The teacher: a .pt/.th (torch, white-box), an .onnx, or an http(s):// URL of `fakecifar serve`.",
+        panel=DISTILL,
+    )
+    teacher_arch: str | None = setting(
+        None,
+        "--teacher-arch",
+        help="Architecture of a foreign .th teacher (e.g. resnet56; auto guesses).",
+        panel=DISTILL,
+    )
+    mode: str | None = setting(
+        None,
+        "--mode",
+        help="Output mode to ask: logits, probs, probs:K, topk:K or label. Default: the teacher's "
+        "own (logits for local models).",
+        normalize=_normalize_mode,
+        panel=DISTILL,
+    )
+    queries: int | None = setting(
+        None,
+        "--queries",
+        help="Hard budget of images the teacher may be asked (e.g. 20000 or 20k); a larger "
+        "transfer set is subsampled (seeded).",
+        parse=_parse_queries,
+        type=str,
+        check=(lambda v: v is None or v >= 1, "--queries must be at least 1, got {v}"),
+        panel=DISTILL,
+    )
+    online: bool = setting(
+        False,
+        "--online/--offline",
+        help="online: ask the teacher about every augmented view of every step "
+        "(each is a query); offline (default): ask about each transfer image once.",
+        panel=DISTILL,
+    )
+    loss: str | None = setting(
+        None,
+        "--loss",
+        help="kl (softened KL, --temperature), l1 or l2 (on logits), or ce (teacher labels). "
+        "Default: kl, or ce for a label-only teacher.",
+        check=(lambda v: v is None or v in LOSSES, "unknown --loss {v!r} (use kl, l1, l2 or ce)"),
+        panel=DISTILL,
+    )
+    save_transfer: str | None = setting(
+        None,
+        "--save-transfer",
+        help="Offline: keep the labelled transfer set (a logits column) in this folder "
+        "(default: OUTPUT.transfer/); `train --soft` can reuse it.",
+        panel=DISTILL,
+    )
+    map_classes: bool = setting(
+        False, "--map-classes", help="Match the transfer set's classes to the teacher's by name.", panel=DISTILL
+    )
+    query_batch: int = setting(
+        256,
+        "--query-batch",
+        help="Images per teacher call (offline and for --val agreement).",
+        check=(lambda v: v >= 1, "--query-batch must be at least 1, got {v}"),
+        panel=DISTILL,
+    )
+    api_key_env: str | None = setting(
+        None,
+        "--api-key-env",
+        help="Environment variable holding the key of a remote teacher (never logged).",
+        panel=DISTILL,
+    )
+    cache: bool = setting(
+        True, "--cache/--no-cache", help="Answer repeated images from the ledger's cache (free).", panel=DISTILL
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DISTILL_SETTINGS = settings_of(DistillSettings)
+
+
+def make_settings(base: dict[str, Any] | None = None, **values: Any) -> DistillSettings:
+    """DistillSettings from `base` (those stored in a resumed student) <- keyword values (None:
+    not given), normalized and checked."""
+    from .training.settings import check_values
+
+    names = {s.name for s in DISTILL_SETTINGS}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise UsageError(f"unknown distill option(s) {', '.join(unknown)}")
+    merged = {k: v for k, v in (base or {}).items() if k in names}
+    merged.update({k: v for k, v in values.items() if v is not None})
+    settings = DistillSettings(**merged)
+    for s in DISTILL_SETTINGS:
+        if s.normalize is not None:
+            setattr(settings, s.name, s.normalize(getattr(settings, s.name)))
+    check_values(DISTILL_SETTINGS, vars(settings))
+    if not settings.teacher:
+        raise UsageError("Missing option '--teacher'", "give a .pt/.th/.onnx model or an http(s):// URL")
+    return settings
