@@ -807,3 +807,21 @@ def test_a_mined_folder_has_a_manifest_and_excludes_other_producers(mine, serve,
     assert busy.exit_code == 1 and "is being written by pid" in busy.stderr and "fakecifar import" in busy.stderr
     after = read_manifest(out)
     assert after is not None and after["images"] == 18
+
+
+def test_a_full_disk_ends_mining_with_one_line_and_keeps_finished_shards(mine, serve, tmpfs_dir):
+    from fakecifar.manifest import read_manifest
+    from fakecifar.shards import Shard
+
+    disk = tmpfs_dir("400k")
+    server = serve(api="craiyon", latency=0.001)
+    out = disk / "raw"
+    result = mine(server, out, "--classes", "cat,dog", "--per-class", "400", "--shard-size", "9")
+    assert result.exit_code == 1, result.stderr
+    assert "no space left on device writing" in result.stderr.strip().splitlines()[-1]
+    assert not list(disk.rglob("*.h5.partial"))
+    finished = sorted(out.glob("*.h5"))
+    manifest = read_manifest(out)
+    assert manifest is not None and sorted(e["name"] for e in manifest["shards"]) == [p.name for p in finished]
+    for path in finished:
+        Shard(path)  # every finished shard is whole
