@@ -73,6 +73,12 @@ def run(
         import torch
 
         torch.set_num_threads(opts["threads"])
+    from fakecifar.train import dist_from_env
+
+    if dist_from_env().rank != 0:
+        from .common import Settings
+
+        Settings.quiet = True  # one process speaks
     paths = input_paths(inputs) or _stored_transfer(resume, stored_data)
     transfer = open_shards(require_inputs(paths, "transfer shards"), allow_incomplete=allow_incomplete)
     val = val or stored_val

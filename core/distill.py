@@ -31,6 +31,7 @@ teacher's term; `1 - alpha` goes to the transfer set's own labels (where it has 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -242,17 +243,17 @@ def distill(
     on_label: Callable[[int], None] | None = None,
 ) -> DistillResult:
     """Distill `settings.teacher` into a student `config.model` on `transfer`; see the module doc."""
-    from .ledger import QueryLedger, choose_subset, ledger_path
+    from .ledger import QueryLedger, ledger_path
     from .shards import open_shards
     from .teachers import open_teacher
     from .train import check_outputs, dist_from_env, train
 
     say = on_message or (lambda _: None)
     dist = dist_from_env()
-    if dist.enabled:
+    if dist.enabled and settings.online:
         raise UsageError(
-            "distill runs in one process for now (its query ledger is not shared across ranks)",
-            "run it without torchrun",
+            "--online runs in one process for now (the query ledger is one process's)",
+            "run it without torchrun, or offline (the default): rank 0 asks the teacher, every rank trains",
         )
     output = Path(output)
     check_outputs(
@@ -292,37 +293,42 @@ def distill(
             raise UsageError(
                 "--map-classes works offline only", "drop --online, or give a transfer set of the teacher's classes"
             )
-        ledger = QueryLedger(ledger_path(output), budget=settings.queries, teacher=teacher, cache=settings.cache)
-        with ledger:
+        if dist.enabled:  # join the group now: the other ranks wait for rank 0's labelled set
+            from .training.runtime import start_processes
+
+            start_processes(config.device, dist)
+        ledger = (
+            QueryLedger(ledger_path(output), budget=settings.queries, teacher=teacher, cache=settings.cache)
+            if dist.main
+            else None
+        )
+        with contextlib.ExitStack() as stack:
+            if ledger is not None:
+                stack.enter_context(ledger)
             train_config = _student_config(config, loss, settings)
             labelled = None
             if settings.online:
                 data = transfer
                 task = _online_task(teacher, ledger)
             else:
-                rows = choose_subset(len(transfer), ledger.budget, config.seed)
-                if len(rows) < len(transfer):
-                    ledger.note_subset(len(transfer), len(rows), config.seed)
-                    say(
-                        f"the budget allows {len(rows):,} of the {len(transfer):,} transfer images: querying a "
-                        f"seeded random subset (seed {config.seed})"
-                    )
                 where = Path(settings.save_transfer) if settings.save_transfer else default_transfer_dir(output)
-                labelled = label_transfer(
-                    teacher,
-                    ledger,
-                    transfer,
-                    where,
-                    rows=rows,
-                    mapping=mapping,
-                    batch=settings.query_batch,
-                    overwrite=overwrite and not resume,
-                    on_progress=on_label,
-                )
-                say(
-                    f"labelled transfer set: {labelled.images:,} images in {where}"
-                    + (f" ({labelled.resumed_images:,} from an earlier run)" if labelled.resumed_images else "")
-                )
+                if ledger is not None:
+                    labelled = _label_offline(
+                        teacher,
+                        ledger,
+                        transfer,
+                        where,
+                        mapping,
+                        config,
+                        settings,
+                        overwrite=overwrite and not resume,
+                        say=say,
+                        on_label=on_label,
+                    )
+                if dist.enabled:
+                    import torch.distributed as tdist
+
+                    tdist.barrier()  # every rank trains on the set rank 0 has labelled
                 data = open_shards([where])
                 task = None
             meta = {
@@ -332,7 +338,7 @@ def distill(
                     "mode": str(teacher.mode),
                     "teacher_describe": teacher.describe(),
                     "transfer": [str(p) for p in transfer.paths],
-                    "labelled_transfer": [str(p) for p in data.paths] if labelled is not None else None,
+                    "labelled_transfer": None if settings.online else [str(p) for p in data.paths],
                 }
             }
             result = train(
@@ -348,14 +354,48 @@ def distill(
                 on_step=on_step,
                 dist=dist,
                 task=task,
-                extra_info=lambda: {**meta, "queries": ledger.summary()},
+                extra_info=(lambda: {**meta, "queries": ledger.summary()}) if ledger is not None else None,
                 logits_column=not settings.online,
             )
+            if ledger is None:  # another DDP rank: rank 0 reports
+                return DistillResult(None, None, result.history, result.stopped, {}, [], None, {})
             metrics = _agreement(output, teacher, val, ledger) if val is not None else {}
             summary, lines = ledger.summary(), ledger.report_lines()
     return DistillResult(
         result.checkpoint, result.onnx, result.history, result.stopped, summary, lines, labelled, metrics
     )
+
+
+def _label_offline(
+    teacher, ledger, transfer, where: Path, mapping, config, settings, *, overwrite, say, on_label
+) -> LabelReport:
+    """Offline: ask the teacher about the transfer images the budget allows (all of them, or a
+    seeded random subset the report names) and write the labelled transfer set to `where`."""
+    from .ledger import choose_subset
+
+    rows = choose_subset(len(transfer), ledger.budget, config.seed)
+    if len(rows) < len(transfer):
+        ledger.note_subset(len(transfer), len(rows), config.seed)
+        say(
+            f"the budget allows {len(rows):,} of the {len(transfer):,} transfer images: querying a seeded random "
+            f"subset (seed {config.seed})"
+        )
+    labelled = label_transfer(
+        teacher,
+        ledger,
+        transfer,
+        where,
+        rows=rows,
+        mapping=mapping,
+        batch=settings.query_batch,
+        overwrite=overwrite,
+        on_progress=on_label,
+    )
+    say(
+        f"labelled transfer set: {labelled.images:,} images in {where}"
+        + (f" ({labelled.resumed_images:,} from an earlier run)" if labelled.resumed_images else "")
+    )
+    return labelled
 
 
 def _student_config(config, loss: str, settings: DistillSettings):

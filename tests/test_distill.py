@@ -237,3 +237,36 @@ def test_distill_options_come_from_the_training_registry():
     for s in STUDENT_SETTINGS:
         if s.name != "model":
             assert s is by_name[s.name]
+
+
+def test_offline_distillation_under_torchrun(models, transfer, tmp_path):
+    """Two processes on gloo: rank 0 asks the teacher once per image, both train; one student."""
+    import os
+
+    out = tmp_path / "ddp.pt"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [
+            *torchrun,
+            "-m",
+            "fakecifar",
+            "distill",
+            "--teacher",
+            str(models.pt),
+            "--transfer",
+            str(transfer),
+            *STUDENT,
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(out)]
+    from fakecifar.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(out)[1]["train"]
+    assert meta["world_size"] == 2 and meta["queries"]["queries"] == 48 and meta["queries"]["unique"] == 48
