@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,10 +204,6 @@ def check_transfer(teacher, transfer: ShardSet, what: str = "the transfer set") 
         )
     if len(transfer) == 0:
         raise UsageError(f"{transfer.paths[0]}: {what} holds no images", "give shards with images")
-
-
-def settings_json(settings: DistillSettings) -> str:
-    return json.dumps(settings.to_dict(), sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- the run
