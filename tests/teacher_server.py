@@ -363,3 +363,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def real_serve(models: Models) -> Iterator[Callable[..., Any]]:
+    """`real_serve(mode=..., keys=..., rate=...)`: fakecifar.serve.QueryServer over the .pt victim."""
+    from fakecifar.evaluate import load_classifier
+    from fakecifar.serve import QueryServer, classifier_model
+
+    model = classifier_model(load_classifier(models.pt, device="cpu"))
+    started: list[Any] = []
+
+    def start(**options: Any) -> Any:
+        server = QueryServer(model, port=0, host="127.0.0.1", **options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

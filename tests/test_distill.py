@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from teacher_server import CLASSES, SIZE, Models
+from teacher_server import CLASSES, SIZE
 
 from fakecifar.manifest import describe_directory
 from fakecifar.shards import ShardWriter, open_shards
@@ -39,24 +37,6 @@ def transfer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def val(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_set(tmp_path_factory.mktemp("val"), 20, seed=4)
-
-
-@pytest.fixture
-def real_server(models: Models) -> Iterator[Callable[..., Any]]:
-    from fakecifar.evaluate import load_classifier
-    from fakecifar.serve import QueryServer, classifier_model
-
-    model = classifier_model(load_classifier(models.pt, device="cpu"))
-    started: list[Any] = []
-
-    def start(**options: Any) -> Any:
-        server = QueryServer(model, port=0, host="127.0.0.1", **options).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def queries_of(checkpoint: Path) -> dict:
@@ -100,8 +80,8 @@ def test_online_distillation_counts_every_augmented_view_and_stops_at_the_budget
     assert queries_of(out)["queries"] <= 200 and "budget is spent" not in resumed.stderr
 
 
-def test_label_only_victim_behind_serve_and_the_ledger_equals_the_servers_count(cli, real_server, transfer, tmp_path):
-    server = real_server(mode="label")
+def test_label_only_victim_behind_serve_and_the_ledger_equals_the_servers_count(cli, real_serve, transfer, tmp_path):
+    server = real_serve(mode="label")
     out = tmp_path / "knockoff.pt"
     result = cli("distill", "--teacher", server.url, "--transfer", transfer, "--queries", "40", *STUDENT, "-o", out)
     assert result.exit_code == 0, result.stderr
@@ -112,11 +92,11 @@ def test_label_only_victim_behind_serve_and_the_ledger_equals_the_servers_count(
     assert json.loads(json.dumps(s))["server"]["charged"] == 40
 
 
-def test_kill_9_while_labelling_then_rerun_pays_for_nothing_twice(models, real_server, transfer, tmp_path):
+def test_kill_9_while_labelling_then_rerun_pays_for_nothing_twice(models, real_serve, transfer, tmp_path):
     """The run is killed (-9) right after its second teacher call was answered and recorded; the
     re-run answers those images from the ledger's cache, and the server's count equals the
     ledger's: nothing is paid twice."""
-    server = real_server(mode="probs")
+    server = real_serve(mode="probs")
     out = tmp_path / "s.pt"
     args = [
         "distill",

@@ -419,24 +419,6 @@ def test_pending_charges_resolve_at_the_next_answer(serve: Any, tmp_path: Path, 
 # ----------------------------------------------------------------------------- against fakecifar serve
 
 
-@pytest.fixture
-def real_serve(models: Models) -> Iterator[Callable[..., Any]]:
-    from fakecifar.evaluate import load_classifier
-    from fakecifar.serve import QueryServer, classifier_model
-
-    model = classifier_model(load_classifier(models.pt, device="cpu"))
-    started: list[Any] = []
-
-    def start(**options: Any) -> Any:
-        server = QueryServer(model, port=0, host="127.0.0.1", **options).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 def test_end_to_end_the_servers_count_and_the_ledger_agree(
     real_serve: Any, models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,7 +11,6 @@ import pickle
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -432,25 +431,6 @@ def test_identity_and_description(serve: Any, models: Models) -> None:
 
 
 # ----------------------------------------------------------------------------- the real server
-
-
-@pytest.fixture
-def real_serve(models: Models) -> Iterator[Callable[..., Any]]:
-    """`real_serve(mode=..., keys=..., rate=...)`: fakecifar.serve.QueryServer over the .pt victim."""
-    from fakecifar.evaluate import load_classifier
-    from fakecifar.serve import QueryServer, classifier_model
-
-    model = classifier_model(load_classifier(models.pt, device="cpu"))
-    started: list[Any] = []
-
-    def start(**options: Any) -> Any:
-        server = QueryServer(model, port=0, host="127.0.0.1", **options).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def test_a_late_charge_by_fakecifar_serve(models: Models, tmp_path: Path) -> None:
