@@ -260,6 +260,7 @@ def distill(
         log_path=Path(log_path) if log_path else None,
         dist=dist,
     )
+    settings.check()
     if settings.queries is not None and settings.queries < config.batch_size:
         raise UsageError(
             f"--queries {settings.queries} is smaller than one batch ({config.batch_size} images)",
@@ -304,7 +305,7 @@ def distill(
             labelled = None
             if settings.online:
                 data = transfer
-                task = _online_task(teacher, ledger)
+                task = _online_task(teacher, ledger, settings.mix, config.seed)
             else:
                 where = Path(settings.save_transfer) if settings.save_transfer else default_transfer_dir(output)
                 if ledger is not None:
@@ -400,14 +401,17 @@ def _student_config(config, loss: str, settings: DistillSettings):
     return replace(config, soft=loss)
 
 
-def _online_task(teacher, ledger):
+def _online_task(teacher, ledger, mix: str, seed: int):
     """A task factory for train(): a ClassificationTask whose soft targets are the teacher's
-    answers to this step's augmented images, asked through the ledger (each view is a query).
-    A spent budget ends the run at that step, saved (StopTraining)."""
+    answers to this step's augmented images -- mixed in pairs first with `mix` (mixup, cutmix)
+    -- asked through the ledger (each view is a query). A spent budget ends the run at that
+    step, saved (StopTraining)."""
     import torch
 
+    from .augment import step_generator
     from .teachers import BudgetExhausted
     from .training.classification import ClassificationTask
+    from .training.mixing import MIX_SALT, mix_batch, mixed_labels
     from .training.stopping import StopTraining
 
     class OnlineDistillation(ClassificationTask):
@@ -415,6 +419,14 @@ def _online_task(teacher, ledger):
             super().__init__(config, num_classes, val=val)
             self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
             self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+        def step(self, batch, ctx):
+            if mix == "none":
+                return super().step(batch, ctx)
+            x, cols = batch
+            x, perm, kept = mix_batch(x, mix, step_generator(seed + MIX_SALT, ctx.epoch, ctx.step))
+            cols = {**cols, "labels": mixed_labels(cols["labels"], perm, kept)}
+            return super().step((x, cols), ctx)
 
         def soft_targets(self, x, cols, ctx):
             images = (x.detach().float().cpu() * self.std + self.mean).clamp_(0.0, 1.0).contiguous()

@@ -14,6 +14,7 @@ from .errors import UsageError
 from .training.settings import setting, settings_of
 
 LOSSES = ("kl", "l1", "l2", "ce")
+MIXES = ("none", "mixup", "cutmix")  # fakecifar.training.mixing
 DISTILL = "Teacher and queries"  # the --help section of the settings below
 
 
@@ -75,6 +76,14 @@ class DistillSettings:
         "(each is a query); offline (default): ask about each transfer image once.",
         panel=DISTILL,
     )
+    mix: str = setting(
+        "none",
+        "--mix",
+        help="Online: mix each batch's views before asking the teacher (mixup or cutmix, lam ~ U(0,1)); "
+        "the teacher's answer to the blend is its target, and each blend is one query.",
+        check=(lambda v: v in MIXES, "unknown --mix {v!r} (use none, mixup or cutmix)"),
+        panel=DISTILL,
+    )
     loss: str | None = setting(
         None,
         "--loss",
@@ -113,6 +122,16 @@ class DistillSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check(self) -> None:
+        """What no single setting's check can see: settings that need each other."""
+        if not self.teacher:
+            raise UsageError("Missing option '--teacher'", "give a .pt/.th/.onnx model or an http(s):// URL")
+        if self.mix != "none" and not self.online:
+            raise UsageError(
+                f"--mix {self.mix} needs --online (the teacher is asked about each blend as it is made)",
+                "add --online, or drop --mix",
+            )
+
 
 DISTILL_SETTINGS = settings_of(DistillSettings)
 
@@ -133,6 +152,5 @@ def make_settings(base: dict[str, Any] | None = None, **values: Any) -> DistillS
         if s.normalize is not None:
             setattr(settings, s.name, s.normalize(getattr(settings, s.name)))
     check_values(DISTILL_SETTINGS, vars(settings))
-    if not settings.teacher:
-        raise UsageError("Missing option '--teacher'", "give a .pt/.th/.onnx model or an http(s):// URL")
+    settings.check()
     return settings

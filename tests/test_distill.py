@@ -80,6 +80,52 @@ def test_online_distillation_counts_every_augmented_view_and_stops_at_the_budget
     assert queries_of(out)["queries"] <= 200 and "budget is spent" not in resumed.stderr
 
 
+def test_online_mixing_asks_about_each_blend_and_offline_mixing_is_refused(cli, models, transfer, tmp_path):
+    out = tmp_path / "mixed.pt"
+    result = cli(
+        "distill", "--teacher", models.onnx, "--transfer", transfer, "--online", "--mix", "cutmix", *STUDENT, "-o", out
+    )
+    assert result.exit_code == 0, result.stderr
+    s = queries_of(out)
+    assert s["queries"] + s["cache_hits"] == 2 * 48  # 2 epochs of 48 blends: one query each
+    offline = cli(
+        "distill",
+        "--teacher",
+        models.onnx,
+        "--transfer",
+        transfer,
+        "--mix",
+        "mixup",
+        *STUDENT,
+        "-o",
+        tmp_path / "no.pt",
+    )
+    assert offline.exit_code == 2
+    one_error_line(offline, "--mix mixup needs --online", command="distill")
+    assert not (tmp_path / "no.pt").exists()
+
+
+def test_mix_batch_is_seeded_convex_and_reports_what_each_image_keeps():
+    import torch
+
+    from fakecifar.augment import step_generator
+    from fakecifar.training.mixing import mix_batch, mixed_labels
+
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(6)])
+    mixed, perm, kept = mix_batch(x, "mixup", step_generator(0, 0, 5))
+    again, _, _ = mix_batch(x, "mixup", step_generator(0, 0, 5))
+    assert torch.equal(mixed, again)  # the same (seed, step): the same blend (exact resume)
+    expected = kept.view(-1, 1, 1, 1) * x + (1 - kept.view(-1, 1, 1, 1)) * x[perm]
+    assert torch.allclose(mixed, expected)
+    cut, perm, kept = mix_batch(x, "cutmix", step_generator(0, 0, 6))
+    own = (cut == x).flatten(1).float().mean(1)
+    assert torch.allclose(own[perm != torch.arange(6)], kept[perm != torch.arange(6)])
+    labels = torch.arange(6)
+    assert torch.equal(mixed_labels(labels, perm, kept), torch.where(kept >= 0.5, labels, labels[perm]))
+    same, _, kept = mix_batch(x, "none", step_generator(0, 0, 0))
+    assert same is x and bool((kept == 1).all())
+
+
 def test_label_only_victim_behind_serve_and_the_ledger_equals_the_servers_count(cli, real_serve, transfer, tmp_path):
     server = real_serve(mode="label")
     out = tmp_path / "knockoff.pt"
