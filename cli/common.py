@@ -190,3 +190,23 @@ def joined(items: Iterable[str], limit: int = 5) -> str:
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def report_gates(checkpoint: Any, model_name: str, data: Any = None, images: Any = None) -> None:
+    """For a dynamic student (gated ResNet): log the delivered model's gate pattern, in eval mode
+    on one batch of `data` (shards) or on `images` (normalized tensors): what the checkpoint
+    holds (best or EMA weights), not the last training state. Nothing for other models."""
+    from fakecifar.models import MODELS, resolve_name
+
+    if not MODELS[resolve_name(model_name)].gated:
+        return
+    from fakecifar.checkpoint import load_checkpoint
+    from fakecifar.loader import BatchLoader
+    from fakecifar.models import gate_report
+
+    model, meta = load_checkpoint(checkpoint)
+    if images is None:
+        # memory_limit=0: stream, so that only the first chunk is read, not the whole data set
+        loader = BatchLoader(data, 256, mean=meta["mean"], std=meta["std"], columns=(), memory_limit=0)
+        (images,) = next(iter(loader))
+    log(f"gates (execution rate per block, x = mostly executed): {gate_report(model, images)}")

@@ -16,10 +16,20 @@ from typing import Any
 
 import typer
 
-from fakecifar.distill_config import DISTILL, DISTILL_SETTINGS
+from fakecifar.distill_config import DATAFREE, DISTILL, DISTILL_SETTINGS
 from fakecifar.training.config import PANELS, RUN_SETTINGS, TRAIN_SETTINGS
 
-from .common import ALLOW_INCOMPLETE, emit, emit_json, input_paths, log, progress, require_inputs, with_settings
+from .common import (
+    ALLOW_INCOMPLETE,
+    emit,
+    emit_json,
+    input_paths,
+    log,
+    progress,
+    report_gates,
+    require_inputs,
+    with_settings,
+)
 
 # The student's options are train's (one definition, fakecifar.training.config), less --soft:
 # what the teacher's answers are trained with is --loss here.
@@ -37,7 +47,7 @@ STUDENT_SETTINGS = tuple(
 )
 
 
-@with_settings(RUN_SETTINGS, DISTILL_SETTINGS, STUDENT_SETTINGS, panels=(PANELS[0], DISTILL, *PANELS[1:]))
+@with_settings(RUN_SETTINGS, DISTILL_SETTINGS, STUDENT_SETTINGS, panels=(PANELS[0], DISTILL, DATAFREE, *PANELS[1:]))
 def run(
     inputs: list[str] = typer.Option(
         None,
@@ -45,6 +55,13 @@ def run(
         help="Transfer shards, directories or globs (repeatable; or paths on stdin).",
         show_default=False,
         rich_help_panel=DISTILL,
+    ),
+    proxy: list[str] = typer.Option(
+        None,
+        "--proxy",
+        help="dfms: shards of any images (e.g. mined) to pre-train the generator on (repeatable).",
+        show_default=False,
+        rich_help_panel=DATAFREE,
     ),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON line (paths, metrics, ledger) instead."),
     allow_incomplete: bool = ALLOW_INCOMPLETE,
@@ -79,13 +96,28 @@ def run(
         from .common import Settings
 
         Settings.quiet = True  # one process speaks
-    paths = input_paths(inputs) or _stored_transfer(resume, stored_data)
-    transfer = open_shards(require_inputs(paths, "transfer shards"), allow_incomplete=allow_incomplete)
     val = val or stored_val
+    datafree = settings.method != "transfer"
+    if datafree:
+        if inputs:
+            raise UsageError(
+                f"--method {settings.method} makes its own images: --transfer is for --method transfer",
+                "drop --transfer (dfms pre-trains on --proxy)",
+            )
+        proxy_paths = list(proxy or []) or [str(p) for p in _stored_distill(resume).get("proxy") or []]
+        proxy_data = open_shards(proxy_paths, allow_incomplete=allow_incomplete) if proxy_paths else None
+        settings_proxy = [str(p) for p in proxy_data.paths] if proxy_data is not None else []
+    else:
+        paths = input_paths(inputs) or _stored_transfer(resume, stored_data)
+        transfer = open_shards(require_inputs(paths, "transfer shards"), allow_incomplete=allow_incomplete)
     val_data = open_shards(val, allow_incomplete=allow_incomplete) if val else None
+    source = (
+        f"by {settings.method}, no transfer set"
+        if datafree
+        else f"on {len(transfer):,} transfer images ({'online' if settings.online else 'offline'})"
+    )
     log(
-        f"distilling {settings.teacher} into {config.model} on {len(transfer):,} transfer images "
-        f"({'online' if settings.online else 'offline'}), {config.epochs} epochs"
+        f"distilling {settings.teacher} into {config.model} {source}, {config.epochs} epochs"
         + (f", budget {settings.queries:,} queries" if settings.queries else "")
     )
 
@@ -93,23 +125,28 @@ def run(
         line = f"epoch {r['epoch']}/{r['epochs']}  loss {r['train_loss']:.4f}"
         if "val_loss" in r:
             line += f"  val_loss {r['val_loss']:.4f}  val_acc {100 * r['val_acc']:.2f}%"
+        if "generator_loss" in r:
+            line += f"  generator_loss {r['generator_loss']:.4f}  queries {int(r['queries']):,}"
         log(line + f"  {r['images_per_s']:.0f} img/s  {r['time_s']:.1f}s")
 
+    common = {
+        "val": val_data,
+        "resume": resume,
+        "onnx": opts["onnx"],
+        "overwrite": opts["overwrite"],
+        "log_path": opts["log_path"],
+        "on_epoch": on_epoch,
+        "on_message": log,
+    }
     with progress(None, "distilling") as bar:
-        result = distill(
-            transfer,
-            output,
-            config,
-            settings,
-            val=val_data,
-            resume=resume,
-            onnx=opts["onnx"],
-            overwrite=opts["overwrite"],
-            log_path=opts["log_path"],
-            on_epoch=on_epoch,
-            on_step=bar.advance,
-            on_message=log,
-        )
+        if datafree:
+            from fakecifar.datafree import distill_datafree
+
+            result = distill_datafree(
+                output, config, settings, proxy=proxy_data, proxy_paths=settings_proxy, on_step=bar.advance, **common
+            )
+        else:
+            result = distill(transfer, output, config, settings, on_step=bar.advance, **common)
     if result.stopped == "budget":
         log(
             f"the query budget is spent: training stopped there, state saved to {output} "
@@ -123,6 +160,11 @@ def run(
         if "teacher_agreement" in m:
             text += f", agreement with the teacher {100 * m['teacher_agreement']:.2f}%"
         log(text)
+    if result.checkpoint is not None:
+        if val_data is not None or not datafree:
+            report_gates(result.checkpoint, config.model, val_data if val_data is not None else transfer)
+        else:
+            report_gates(result.checkpoint, config.model, images=result.probe)
     if json_output:
         emit_json(
             {

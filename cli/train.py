@@ -11,7 +11,17 @@ import typer
 
 from fakecifar.training.config import MODEL, PANELS, RUN_SETTINGS, TRAIN_SETTINGS
 
-from .common import ALLOW_INCOMPLETE, emit, input_paths, log, progress, require_inputs, warn, with_settings
+from .common import (
+    ALLOW_INCOMPLETE,
+    emit,
+    input_paths,
+    log,
+    progress,
+    report_gates,
+    require_inputs,
+    warn,
+    with_settings,
+)
 
 
 # Every option but these comes from the settings registry (fakecifar.training.config), where
@@ -113,6 +123,8 @@ def run(
         log(f"stopped early after epoch {len(result.history)}: no better val loss for {config.patience} epochs")
     if result.best_epoch is not None:
         log(f"kept the weights of epoch {result.best_epoch} (best val loss)")
+    if result.checkpoint is not None:
+        report_gates(result.checkpoint, config.model, val_data if val_data is not None else data)
     for path in result.paths:
         emit(str(path))
 

@@ -219,6 +219,7 @@ class DistillResult:
     ledger_lines: list[str]
     labelled: LabelReport | None = None  # offline: the labelled transfer set
     val_metrics: dict[str, float] = field(default_factory=dict)  # student accuracy, teacher agreement
+    probe: Any = None  # data-free: a batch of generated student inputs (normalized), for reports
 
 
 def distill(

@@ -16,6 +16,22 @@ from .training.settings import setting, settings_of
 LOSSES = ("kl", "l1", "l2", "ce")
 MIXES = ("none", "mixup", "cutmix")  # fakecifar.training.mixing
 DISTILL = "Teacher and queries"  # the --help section of the settings below
+DATAFREE = "Data-free (--method)"
+METHODS = ("transfer", "dafl", "zskt", "dfad", "dfme", "dfms")  # fakecifar.training.datafree
+# Data-free settings that a resumed run must keep (another value is another run).
+METHOD_SETTINGS = (
+    "method",
+    "latent",
+    "generator_width",
+    "generator_lr",
+    "student_steps",
+    "generator_steps",
+    "directions",
+    "epsilon",
+    "attention",
+    "diversity",
+    "proxy_epochs",
+)
 
 
 def _normalize_mode(value: str | None) -> str | None:
@@ -119,6 +135,92 @@ class DistillSettings:
         True, "--cache/--no-cache", help="Answer repeated images from the ledger's cache (free).", panel=DISTILL
     )
 
+    method: str = setting(
+        "transfer",
+        "--method",
+        help="transfer: distill on --transfer images; data-free, white-box (a .pt/.th teacher): dafl, zskt, "
+        "dfad; black-box (any teacher, answers only): dfme (probabilities), dfms (labels, needs --proxy).",
+        check=(lambda v: v in METHODS, "unknown --method {v!r} (use transfer, dafl, zskt, dfad, dfme or dfms)"),
+        panel=DATAFREE,
+    )
+    latent: int = setting(
+        256,
+        "--latent",
+        help="Size of the generator's latent code z.",
+        check=(lambda v: v >= 1, "--latent must be at least 1"),
+        panel=DATAFREE,
+    )
+    generator_width: int = setting(
+        64,
+        "--generator-width",
+        help="Channels of the generator's last stage (the first has twice as many); also the dfms discriminator's.",
+        check=(lambda v: v >= 1, "--generator-width must be at least 1"),
+        panel=DATAFREE,
+    )
+    generator_lr: float = setting(
+        1e-3,
+        "--generator-lr",
+        help="Adam learning rate of the generator (scheduled like the student's).",
+        check=(lambda v: v > 0, "--generator-lr must be positive, got {v}"),
+        panel=DATAFREE,
+    )
+    student_steps: int = setting(
+        5,
+        "--student-steps",
+        help="Student updates per iteration (DFAD, DFME: 5; ZSKT: 10).",
+        check=(lambda v: v >= 1, "--student-steps must be at least 1"),
+        panel=DATAFREE,
+    )
+    generator_steps: int = setting(
+        1,
+        "--generator-steps",
+        help="Generator updates per iteration.",
+        check=(lambda v: v >= 1, "--generator-steps must be at least 1"),
+        panel=DATAFREE,
+    )
+    directions: int = setting(
+        1,
+        "--directions",
+        help="dfme: random directions per image of the forward-difference gradient estimate (each a query).",
+        check=(lambda v: v >= 1, "--directions must be at least 1"),
+        panel=DATAFREE,
+    )
+    epsilon: float = setting(
+        1e-3,
+        "--epsilon",
+        help="dfme: step of the forward differences, in [0, 1] pixel units.",
+        check=(lambda v: v > 0, "--epsilon must be positive, got {v}"),
+        panel=DATAFREE,
+    )
+    attention: float = setting(
+        250.0,
+        "--attention",
+        help="zskt: weight of attention transfer on the stages teacher and student share (0: off).",
+        check=(lambda v: v >= 0, "--attention must be >= 0, got {v}"),
+        panel=DATAFREE,
+    )
+    diversity: float = setting(
+        1.0,
+        "--diversity",
+        help="dfms: weight of the class-diversity loss (entropy of the student's mean prediction).",
+        check=(lambda v: v >= 0, "--diversity must be >= 0, got {v}"),
+        panel=DATAFREE,
+    )
+    proxy_epochs: int = setting(
+        1,
+        "--proxy-epochs",
+        help="dfms: GAN pre-training passes over the --proxy images (no query).",
+        check=(lambda v: v >= 0, "--proxy-epochs must be >= 0"),
+        panel=DATAFREE,
+    )
+    steps_per_epoch: int = setting(
+        50,
+        "--steps-per-epoch",
+        help="Data-free iterations per epoch without --queries (with it, the budget sizes the epochs).",
+        check=(lambda v: v >= 1, "--steps-per-epoch must be at least 1"),
+        panel=DATAFREE,
+    )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -146,6 +248,14 @@ def make_settings(base: dict[str, Any] | None = None, **values: Any) -> DistillS
     if unknown:
         raise UsageError(f"unknown distill option(s) {', '.join(unknown)}")
     merged = {k: v for k, v in (base or {}).items() if k in names}
+    if base:
+        changed = [k for k in METHOD_SETTINGS if values.get(k) is not None and k in base and values[k] != base[k]]
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {base[k]} (not {values[k]})" for k in changed)
+            raise UsageError(
+                f"--resume: the run was started with {flags}",
+                "resume with the run's own options, or start a new run with -o",
+            )
     merged.update({k: v for k, v in values.items() if v is not None})
     settings = DistillSettings(**merged)
     for s in DISTILL_SETTINGS:

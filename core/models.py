@@ -10,14 +10,36 @@ the classifier head sees), which feature-based distillation needs.
 RepVGG models train with 3x3 + 1x1 + identity branches; `reparameterize(model)` fuses them
 into one 3x3 conv per block (same outputs in eval mode) and sets `model.deploy = True`; build
 with `deploy=True` to get the fused layout directly, e.g. to load a fused checkpoint.
+
+Gated ResNets (`gated-resnet20/32/56`, `gated-resnet18`) are dynamic networks in the style of
+ConvNet-AIG (Veit & Belongie 2018): every residual block has a tiny gate (global average pool
+of the block input -> linear -> ReLU -> linear -> 2 logits, skip/execute) that decides per
+input whether the block runs: output = relu(shortcut(x) + gate * residual(x)). In training the
+decision is a straight-through Gumbel-softmax sample (hard 0/1 forward, soft gradient; torch's
+default RNG), in eval the argmax (deterministic, and it exports to ONNX as a 0/1 product).
+Gates start open. The training code uses them through a duck-typed API, no class checks:
+
+    model.gate_loss()   # scalar: gate_weight * mean over blocks of (execution rate - gate_target)^2
+                        # over the last forward pass (AIG's target-rate loss; differentiable in
+                        # training); add it to the task's loss
+    model.gate_rates()  # list[float]: each block's execution rate in the last forward pass
+    model.gate_stages   # list[int]: blocks per stage, for gate_pattern
+    is_gated(model)     # has that API
+    gate_pattern(model.gate_rates(), model.gate_stages)  # e.g. 'xxx|-x-|xx-'
+    gate_report(model, images)  # eval-mode forward on `images`, then the pattern and mean rate
+
+Build options: `gate_target` (default 0.6, the target execution rate) and `gate_weight`
+(default 2.0, AIG's weight for the target loss).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +52,9 @@ __all__ = [
     "ModelSpec",
     "build_model",
     "count_params",
+    "gate_pattern",
+    "gate_report",
+    "is_gated",
     "list_models",
     "normalize_name",
     "reparameterize",
@@ -108,6 +133,8 @@ class ResNetCifar(nn.Module):
     Module names match the widely used pretrained files (conv1, bn1, layer1..3, linear).
     """
 
+    block_type: type[BasicBlock] = BasicBlock  # a subclass swaps in its own (the gated ResNets)
+
     def __init__(self, depth: int, num_classes: int = 10):
         super().__init__()
         if (depth - 2) % 6:
@@ -120,7 +147,7 @@ class ResNetCifar(nn.Module):
         for width, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(BasicBlock(planes, width, stride if i == 0 else 1, shortcut="A"))
+                blocks.append(self.block_type(planes, width, stride if i == 0 else 1, shortcut="A"))
                 planes = width
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -138,16 +165,20 @@ class ResNetCifar(nn.Module):
 
 
 class ResNet18Cifar(nn.Module):
-    """ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool) and 1x1-conv shortcuts."""
+    """ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool) and 1x1-conv shortcuts;
+    `blocks` per stage (3, 4, 6, 3) make the ResNet-34 of the data-free papers' teachers."""
 
-    def __init__(self, num_classes: int = 10):
+    block_type: type[BasicBlock] = BasicBlock  # a subclass swaps in its own (the gated ResNets)
+
+    def __init__(self, num_classes: int = 10, blocks: Sequence[int] = (2, 2, 2, 2)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         planes = 64
         layers = []
-        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers.append(nn.Sequential(BasicBlock(planes, width, stride), BasicBlock(width, width)))
+        for (width, stride), count in zip(((64, 1), (128, 2), (256, 2), (512, 2)), blocks):
+            stage = [self.block_type(planes, width, stride)] + [self.block_type(width, width) for _ in range(count - 1)]
+            layers.append(nn.Sequential(*stage))
             planes = width
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.num_features = 512
@@ -161,6 +192,189 @@ class ResNet18Cifar(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------- gated ResNet (ConvNet-AIG)
+
+
+class BlockGate(nn.Module):
+    """The per-input skip/execute decision of one block (ConvNet-AIG): global average pool ->
+    linear -> ReLU -> linear -> logits [skip, execute]. Returns [N] floats, each 0 or 1.
+
+    Training: a straight-through Gumbel-softmax sample (hard 0/1 forward, the soft sample's
+    gradient; torch's default RNG). Eval: the argmax, deterministic. Unlike AIG's head there is
+    no BatchNorm between the linears: it would fail on a training batch of one image.
+    """
+
+    def __init__(self, channels: int, hidden: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, 2)
+        # AIG's start: the execute logit 1.9 above skip, so ~87% of Gumbel samples execute and
+        # the argmax executes every block; small weights keep the input from overriding that.
+        nn.init.normal_(self.fc2.weight, std=0.01)
+        with torch.no_grad():
+            self.fc2.bias.copy_(torch.tensor([0.1, 2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc2(F.relu(self.fc1(x.mean((2, 3))))).float()  # float: Gumbel noise in bf16 is coarse
+        if self.training:
+            return F.gumbel_softmax(logits, tau=1.0, hard=True)[:, 1]
+        return (logits[:, 1] > logits[:, 0]).float()  # a tie skips, as argmax picks index 0
+
+
+class GatedBlock(BasicBlock):
+    """A BasicBlock whose residual branch is scaled by its gate: relu(shortcut(x) + g * F(x)).
+
+    The branch is computed for every input (a 0/1 product, so it traces and exports to ONNX);
+    a skipped block passes its input on through the shortcut (identity, or option A / B when
+    it downsamples). `gated(x)` -> (output, gate); `forward` drops the gate.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B"):
+        super().__init__(in_planes, planes, stride, shortcut)
+        self.gate = BlockGate(in_planes)
+
+    def gated(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = self.gate(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) * gate.to(out.dtype).view(-1, 1, 1, 1)
+        return F.relu(out + self.shortcut(x)), gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gated(x)[0]
+
+
+class _LastGates:
+    """The gate tensors of the last forward pass. A deep copy or a pickle comes out empty: the
+    tensors belong to an autograd graph, which deepcopy refuses (EMA and export_onnx copy models)."""
+
+    def __init__(self) -> None:
+        self.gates: list[torch.Tensor] = []
+
+    def __deepcopy__(self, memo: dict) -> _LastGates:
+        return _LastGates()
+
+    def __reduce__(self) -> tuple:
+        return (_LastGates, ())
+
+
+class _GateAPI:
+    """What the gated ResNets share: running stages of GatedBlocks, and the gate API of the
+    module docstring (gate_loss, gate_rates, gate_stages)."""
+
+    gate_target: float
+    gate_weight: float
+    gate_stages: list[int]
+    _last_gates: _LastGates
+
+    def _setup_gates(self, stages: Sequence[nn.Sequential], gate_target: float, gate_weight: float) -> None:
+        if not 0.0 <= gate_target <= 1.0:
+            raise UsageError(f"gate_target is an execution rate in [0, 1], got {gate_target!r}")
+        if not 0.0 <= gate_weight < float("inf"):
+            raise UsageError(f"gate_weight must be finite and at least 0, got {gate_weight!r}")
+        self.gate_target, self.gate_weight = float(gate_target), float(gate_weight)
+        self.gate_stages = [len(stage) for stage in stages]
+        self._last_gates = _LastGates()
+
+    def _run_stages(self, stages: Sequence[nn.Sequential], x: torch.Tensor) -> torch.Tensor:
+        gates = []
+        for stage in stages:
+            for block in stage:
+                assert isinstance(block, GatedBlock)
+                x, gate = block.gated(x)
+                gates.append(gate)
+        self._last_gates.gates = gates
+        return x
+
+    def gate_loss(self) -> torch.Tensor:
+        """AIG's target-rate loss over the last forward pass: gate_weight * mean over blocks of
+        (execution rate - gate_target)^2; differentiable after a training forward. 0 before any."""
+        gates = self._last_gates.gates
+        if not gates:
+            return torch.zeros(())
+        rates = torch.stack([g.float().mean() for g in gates])
+        return self.gate_weight * (rates - self.gate_target).square().mean()
+
+    def gate_rates(self) -> list[float]:
+        """The execution rate of each block (fraction of the batch it ran on) in the last forward pass."""
+        gates = self._last_gates.gates
+        if not gates:
+            return []
+        return [float(r) for r in torch.stack([g.detach().float().mean() for g in gates]).tolist()]
+
+
+class GatedResNetCifar(_GateAPI, ResNetCifar):
+    """ResNet-(6n+2) for CIFAR with a ConvNet-AIG gate on every block (see the module docstring).
+
+    Module names are those of ResNetCifar plus `layerK.I.gate`, so a plain ResNet's weights
+    load with strict=False (the gates keep their open start)."""
+
+    block_type = GatedBlock
+
+    def __init__(self, depth: int, num_classes: int = 10, gate_target: float = 0.6, gate_weight: float = 2.0):
+        super().__init__(depth, num_classes)
+        self._setup_gates((self.layer1, self.layer2, self.layer3), gate_target, gate_weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self._run_stages((self.layer1, self.layer2, self.layer3), out)
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+
+class GatedResNet18Cifar(_GateAPI, ResNet18Cifar):
+    """ResNet-18 (CIFAR stem) with a ConvNet-AIG gate on every block (see the module docstring)."""
+
+    block_type = GatedBlock
+
+    def __init__(self, num_classes: int = 10, gate_target: float = 0.6, gate_weight: float = 2.0):
+        super().__init__(num_classes)
+        self._setup_gates((self.layer1, self.layer2, self.layer3, self.layer4), gate_target, gate_weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self._run_stages((self.layer1, self.layer2, self.layer3, self.layer4), out)
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+
+def is_gated(model: nn.Module) -> bool:
+    """Whether `model` has the gate API (gate_loss and gate_rates) of the module docstring."""
+    return callable(getattr(model, "gate_loss", None)) and callable(getattr(model, "gate_rates", None))
+
+
+def gate_pattern(rates: Sequence[float], stages: Sequence[int] | None = None) -> str:
+    """One mark per block: 'x' executed on at least half the inputs, '-' mostly skipped. With
+    `stages` (blocks per stage, summing to len(rates)) a '|' separates the stages:
+    gate_pattern([1, 0.9, 0.2, 1, 0, 1], [3, 3]) == 'xx-|x-x'."""
+    marks = "".join("x" if r >= 0.5 else "-" for r in rates)
+    if stages is None:
+        return marks
+    if any(n < 0 for n in stages) or sum(stages) != len(marks):
+        raise ValueError(f"stages {list(stages)} do not add up to the {len(marks)} blocks")
+    parts, start = [], 0
+    for n in stages:
+        parts.append(marks[start : start + n])
+        start += n
+    return "|".join(parts)
+
+
+@torch.no_grad()
+def gate_report(model: nn.Module, images: torch.Tensor) -> str:
+    """The gate pattern of a gated `model` in eval mode on `images` (normalized [N,3,H,W], on
+    the model's device) and its mean execution rate, e.g. 'xxx|-x-|xx- (mean rate 0.67)'. The
+    model's train/eval mode is left as it was."""
+    if not is_gated(model):
+        raise ValueError(f"{type(model).__name__} has no gates")
+    gated: Any = model  # the duck-typed gate API
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        model.train(was_training)
+    rates = gated.gate_rates()
+    mean = sum(rates) / max(len(rates), 1)
+    return f"{gate_pattern(rates, getattr(model, 'gate_stages', None))} (mean rate {mean:.2f})"
 
 
 # ----------------------------------------------------------------------------- Wide ResNet
@@ -515,6 +729,7 @@ class ModelSpec:
     description: str
     input_size: int = 32
     reparameterizable: bool = False
+    gated: bool = False  # has the gate API (module docstring); known without building one
 
     def build(self, num_classes: int = 10, **kwargs: object) -> nn.Module:
         return build_model(self.name, num_classes, **kwargs)
@@ -528,6 +743,13 @@ class ModelSpec:
 def _resnet_cifar(depth: int) -> Callable[..., nn.Module]:
     def build(num_classes: int = 10) -> nn.Module:
         return ResNetCifar(depth, num_classes)
+
+    return build
+
+
+def _gated_resnet_cifar(depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 10, gate_target: float = 0.6, gate_weight: float = 2.0) -> nn.Module:
+        return GatedResNetCifar(depth, num_classes, gate_target, gate_weight)
 
     return build
 
@@ -563,6 +785,35 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("resnet56", _resnet_cifar(56), "ResNet-56 for CIFAR, option-A shortcuts (0.85M)"),
         ModelSpec("resnet110", _resnet_cifar(110), "ResNet-110 for CIFAR, option-A shortcuts (1.7M)"),
         ModelSpec("resnet18", ResNet18Cifar, "ResNet-18 with CIFAR stem (3x3 conv, no max-pool) (11.2M)"),
+        ModelSpec(
+            "resnet34",
+            functools.partial(ResNet18Cifar, blocks=(3, 4, 6, 3)),
+            "ResNet-34 with CIFAR stem, the data-free papers' teacher (21.3M)",
+        ),
+        ModelSpec(
+            "gated-resnet20",
+            _gated_resnet_cifar(20),
+            "ResNet-20, AIG gates skip blocks per input (dynamic student); gate_target=0.6, gate_weight=2.0 (0.27M)",
+            gated=True,
+        ),
+        ModelSpec(
+            "gated-resnet32",
+            _gated_resnet_cifar(32),
+            "ResNet-32, AIG gates skip blocks per input (dynamic student); gate_target=0.6, gate_weight=2.0 (0.47M)",
+            gated=True,
+        ),
+        ModelSpec(
+            "gated-resnet56",
+            _gated_resnet_cifar(56),
+            "ResNet-56, AIG gates skip blocks per input (dynamic student); gate_target=0.6, gate_weight=2.0 (0.87M)",
+            gated=True,
+        ),
+        ModelSpec(
+            "gated-resnet18",
+            GatedResNet18Cifar,
+            "ResNet-18, CIFAR stem, AIG gates skip blocks per input; gate_target=0.6, gate_weight=2.0 (11.2M)",
+            gated=True,
+        ),
         ModelSpec("wrn-16-1", _wrn(16, 1), "Wide ResNet 16-1, pre-activation; dropout=0.0 (0.18M)"),
         ModelSpec("wrn-16-2", _wrn(16, 2), "Wide ResNet 16-2, pre-activation; dropout=0.0 (0.69M)"),
         ModelSpec("wrn-40-2", _wrn(40, 2), "Wide ResNet 40-2, pre-activation; dropout=0.0 (2.2M)"),

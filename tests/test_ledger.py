@@ -483,3 +483,122 @@ def test_end_to_end_the_servers_budget_stops_the_run_exactly(real_serve: Any, tm
         assert info.value.source == "server" and server.url in str(info.value)
         s = ledger.summary()
     assert s["queries"] == 8 == server.accounts()["anonymous"]["images"] and s["failed_requests"] == 1
+
+
+# ----------------------------------------------------------------------------- white-box charges
+
+
+def test_a_charge_counts_exactly_and_shows_in_the_report(models: Models, tmp_path: Path) -> None:
+    t = teacher(models)
+    with QueryLedger(tmp_path / "l.queries", budget=100) as ledger:
+        ledger.charge(t, 5)
+        ledger.charge(t, 3)
+        ledger.charge(t, 0)  # nothing to count, nothing written
+        assert t.calls == 0, "a charge sends nothing: the caller forwards the images itself"
+        ledger.ask(t, images(4))
+        s = ledger.summary()
+        lines = ledger.report_lines()
+    assert s["queries"] == 12 == s["unique"] and s["sent"] == 12 and s["requests"] == 3 and s["cache_hits"] == 0
+    assert s["remaining"] == 88 and s["cached_answers"] == 4  # a charge caches nothing
+    assert s["charged"] == {"white-box": 8}
+    zero = dict.fromkeys(s["by_mode"]["probs"], 0)
+    assert s["by_mode"]["white-box"] == {**zero, "queries": 8, "unique": 8, "sent": 8}
+    assert s["by_mode"]["probs"]["queries"] == 4
+    text = "\n".join(lines)
+    assert "queries: 12 of 100 (88 left): 12 unique" in text, text
+    assert "by mode: probs 4, white-box 8" in text, text
+    assert "white-box: 8 images forwarded through the teacher by the run itself" in text, text
+
+
+def test_a_charge_beyond_the_budget_is_refused_and_counts_nothing(models: Models, tmp_path: Path) -> None:
+    t = teacher(models)
+    path = tmp_path / "l.queries"
+    with QueryLedger(path, budget=10) as ledger:
+        ledger.ask(t, images(4))
+        ledger.charge(t, 5)
+        before = ledger.summary()
+        with pytest.raises(BudgetExhausted) as info:
+            ledger.charge(t, 2)  # 4 + 5 + 2 > 10
+        assert info.value.source == "ledger" and info.value.budget == 10
+        assert info.value.spent == 9 and info.value.needed == 2 and "--queries 10" in str(info.value)
+        assert ledger.summary() == before and ledger.remaining == 1
+        ledger.charge(t, 1)  # exactly to the budget
+        assert ledger.remaining == 0
+        with pytest.raises(BudgetExhausted):
+            ledger.ask(t, images(1, seed=1))  # the charges count against what `ask` may send
+        ledger.ask(t, images(4))  # cached: free
+        c = counts(ledger)
+    assert c["queries"] == 10 and t.images == 4
+    with QueryLedger(path) as ledger, pytest.raises(BudgetExhausted):
+        ledger.charge(t, 1)
+
+
+def test_charge_refuses_bad_arguments_and_remote_teachers(serve: Any, models: Models, tmp_path: Path) -> None:
+    t = teacher(models)
+    with QueryLedger(tmp_path / "l.queries") as ledger:
+        for bad in (-1, 1.5, True, "3"):
+            with pytest.raises(UsageError):
+                ledger.charge(t, bad)  # type: ignore[arg-type]
+        for kind in ("probs", "topk:2", "label", ""):  # an output mode's counters are ask's
+            with pytest.raises(UsageError):
+                ledger.charge(t, 1, kind=kind)
+        ledger.charge(t, np.int64(2), kind="white-box:zskt")
+        assert ledger.summary()["charged"] == {"white-box:zskt": 2}
+    srv: ProtocolServer = serve(mode="probs")
+    remote = open_teacher(srv.url, retries=1, backoff=0.01)
+    with QueryLedger(tmp_path / "r.queries", teacher=remote) as ledger:
+        with pytest.raises(UsageError, match="remote"):
+            ledger.charge(remote, 1)
+        assert ledger.summary()["queries"] == 0
+
+
+CHARGER = """
+import os, signal, sys
+from fakecifar.ledger import QueryLedger
+from fakecifar.teachers import open_teacher
+
+spec, path = sys.argv[1:3]
+teacher = open_teacher(spec, mode="probs", device="cpu")
+ledger = QueryLedger(path, budget=20, teacher=teacher)
+ledger.charge(teacher, 7)
+ledger.charge(teacher, 6)
+os.kill(os.getpid(), signal.SIGKILL)  # killed in the forward pass that follows the charge
+"""
+
+
+def test_charges_survive_reopen_and_kill_9(models: Models, tmp_path: Path) -> None:
+    t = teacher(models)
+    path = tmp_path / "student.pt.queries"
+    script = tmp_path / "charger.py"
+    script.write_text(CHARGER)
+    proc = subprocess.run([sys.executable, str(script), str(models.pt), str(path)], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with QueryLedger(path, teacher=t) as ledger:
+        s = ledger.summary()
+        assert s["queries"] == 13 == s["unique"] and s["charged"] == {"white-box": 13}
+        assert s["interrupted"] == 0 and s["pending"] == 0 and ledger.remaining == 7
+        ledger.charge(t, 7)
+        assert ledger.summary()["session"] == {"queries": 7, "cache_hits": 0, "requests": 1}
+    with QueryLedger(path) as ledger:
+        s = ledger.summary()
+        assert s["queries"] == 20 and s["remaining"] == 0 and s["requests"] == 3
+        assert any(line.startswith("white-box: 20 images") for line in ledger.report_lines())
+    assert sorted(p.name for p in tmp_path.glob("student.pt.queries*")) == ["student.pt.queries"]
+
+
+# ----------------------------------------------------------------------------- cost per call
+
+
+def test_a_call_is_two_commits_and_the_cache_off_looks_nothing_up(models: Models, tmp_path: Path) -> None:
+    t = teacher(models)
+    for cache in (True, False):
+        with QueryLedger(tmp_path / f"{cache}.queries", cache=cache) as ledger:
+            ledger.ask(t, images(2, seed=9))  # binds the teacher
+            statements: list[str] = []
+            ledger.conn.set_trace_callback(statements.append)
+            ledger.ask(t, images(6))  # one call of fresh images: the intent, then the outcome
+            ledger.conn.set_trace_callback(None)
+            assert [s for s in statements if s == "COMMIT"] == ["COMMIT", "COMMIT"], statements
+            selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+            assert len(selects) == (1 if cache else 0), selects
+            assert counts(ledger)["unique"] == 8

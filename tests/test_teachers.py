@@ -5,6 +5,7 @@ fixture server and models live in teacher_server.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -39,8 +40,10 @@ from fakecifar.teachers import (
     BadTeacherError,
     BudgetExhausted,
     TeacherError,
+    TorchTeacher,
     derivable,
     describe_line,
+    image_keys,
     open_teacher,
 )
 
@@ -101,6 +104,56 @@ def test_torch_tensor_and_float64_input(models: Models) -> None:
     assert len(teacher.query(np.zeros((0, 3, SIZE, SIZE), np.float32))) == 0
 
 
+def test_the_fast_pass_answers_the_same_to_float_rounding(models: Models) -> None:
+    x = images(12)
+    exact = open_teacher(models.pt, mode="logits", device="cpu")
+    fast = open_teacher(models.pt, mode="logits", device="cpu", fast=True)
+    assert isinstance(fast, TorchTeacher) and fast.module is not None
+    assert fast.identity() == exact.identity()  # the same teacher: one ledger
+    assert fast.describe()["fast"] is True and "fast" not in exact.describe()
+    convs = [m for m in fast.module.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fast.module.modules()), "the white-box module keeps its BNs"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast._net.modules()), "folded into the convolutions"
+    want, got = exact.query(x), fast.query(x)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
+    same_answers(want, Answers.from_logits(reference_logits(models.model, x), parse_mode("logits")))  # bit for bit
+    inp = torch.from_numpy(x[:3]).requires_grad_(True)  # white-box forwards keep working
+    fast.module(inp)[:, 0].sum().backward()
+    assert inp.grad is not None and inp.grad.abs().sum() > 0
+
+
+class DataDependent(nn.Module):
+    """A model torch.fx cannot trace (Python control flow on a tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y.mean((2, 3)) if bool(y.sum() > 0) else -y.mean((2, 3))
+
+
+def test_the_fast_pass_keeps_the_module_when_it_cannot_fold_it() -> None:
+    from fakecifar.teachers import _folded
+
+    module = DataDependent().eval()
+    assert _folded(module, (SIZE, SIZE), "cpu") is module
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()).eval()
+    folded = _folded(plain, (SIZE, SIZE), "cpu")
+    assert folded is not plain and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_image_keys_are_the_sha256_of_the_float32_bytes() -> None:
+    x = images(5)
+    want = [hashlib.sha256(img.tobytes()).digest() for img in x]
+    assert image_keys(x) == want
+    assert image_keys(np.asfortranarray(x)) == want  # not C-contiguous: the same bytes are hashed
+    assert image_keys(x[::2]) == want[::2] and image_keys(x[:0]) == []
+
+
 def test_batches_larger_than_max_batch(models: Models) -> None:
     small = open_teacher(models.pt, device="cpu", batch_size=3)
     whole = open_teacher(models.pt, device="cpu")
@@ -116,6 +169,8 @@ def test_batches_larger_than_max_batch(models: Models) -> None:
         ((np.ones((2, 3, SIZE, SIZE)) * 255).astype(np.uint8), "float images"),
         (np.full((2, 3, SIZE, SIZE), 1.5, np.float32), "in [0, 1]"),
         (np.full((2, 3, SIZE, SIZE), np.nan, np.float32), "finite"),
+        (np.pad(np.full((1, 3, SIZE, SIZE), np.inf, np.float32), ((1, 0), (0, 0), (0, 0), (0, 0))), "finite"),
+        (np.full((2, 3, SIZE, SIZE), -np.inf, np.float32), "finite"),
     ],
 )
 def test_bad_images_are_refused(models: Models, bad: np.ndarray, needle: str) -> None:

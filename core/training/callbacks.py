@@ -51,6 +51,17 @@ class Callback:
         pass
 
 
+class ResumeValues(Callback):
+    """Fixed values kept in the resume state (e.g. a budget-sized run's steps per epoch), so a
+    resumed run reads them back instead of deriving them again."""
+
+    def __init__(self, **values: Any):
+        self.values = values
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
 class Hooks(Callback):
     """Plain functions: `on_step(count)` on every process, `on_epoch(record)` on rank 0."""
 

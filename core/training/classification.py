@@ -93,6 +93,11 @@ class ClassificationTask(Task):
         with ctx.autocast():
             logits = ctx.net(x)
         loss = self.loss(logits.float(), y, self.soft_targets(x, cols, ctx))
+        # Dynamic students (gated ResNets, fakecifar.models) add their gates' sparsity term;
+        # ctx.model: the bare module, which a DDP wrapper does not forward attributes of.
+        gate_loss = getattr(ctx.model, "gate_loss", None)
+        if gate_loss is not None:
+            loss = loss + gate_loss()
         ctx.update(loss, self.optimizers()[0])
         with torch.no_grad():
             mask = y >= 0

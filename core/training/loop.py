@@ -190,6 +190,9 @@ class Engine:
             # Every step on CPU (free) and under DDP (all ranks must agree on when to stop);
             # every 25 steps on one GPU, where each check waits for the device.
             stop_now = nan_now = False
+            for name, watched in out.watch.items():
+                if not torch.isfinite(watched).all():  # checked at once, on this process (one-process tasks)
+                    raise diverged(self.output, epoch, step, self.last_saved, what=name)
             if self.dist.enabled or device.type == "cpu" or step % 25 == 0 or stop.set:
                 flags = torch.stack(
                     [torch.tensor(float(stop.set), dtype=F64, device=device), (~torch.isfinite(loss_sum)).double()]

@@ -41,7 +41,9 @@ def diverged(output: Path, epoch: int, step: int, last_saved: int | None, what: 
     kept = f"{output} keeps the last good weights (epoch {last_saved})" if last_saved else "no checkpoint was written"
     return TrainingDiverged(
         f"{what} became NaN/inf in epoch {epoch + 1} at step {step}; stopped, {kept}",
-        "lower --lr, check the data, or try --precision fp32",
+        "lower --generator-lr"
+        if what.startswith("generator")
+        else "lower --lr, check the data, or try --precision fp32",
     )
 
 

@@ -36,12 +36,15 @@ from .runtime import Dist
 @dataclass
 class StepOutput:
     """What one step reports: its loss (a scalar tensor: the loop sums it, weighted by `count`,
-    for the epoch's train_loss and the NaN check), the number of examples, and how many of them
-    the model got right (train_acc; 0 where that means nothing)."""
+    for the epoch's train_loss and the NaN check), the number of examples, how many of them the
+    model got right (train_acc; 0 where that means nothing), and other losses to `watch`."""
 
     loss: torch.Tensor
     count: int
     correct: torch.Tensor | float = 0.0
+    # Other losses of the step that must stay finite (a generator's): the loop stops the run as
+    # diverged, naming the first that is not, exactly as for `loss`.
+    watch: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,466 @@
+"""Data-free distillation tasks: a generator makes the images, the teacher answers them, the
+student learns from the answers, and the generator learns to make images the student gets
+wrong. One task per method, all on the training engine (fakecifar.training.loop): a step is
+one iteration of the method (its generator and student updates, in the papers' order and
+numbers); the batches are latent codes (`latent_batches`), a pure function of (seed, epoch,
+step), and each step reseeds torch's RNG from the same, so a resumed run is the same run.
+
+White-box (a local torch teacher: its gradients flow into the generator):
+- `dafl` (Chen et al. 2019): the generator makes images the teacher is sure of (one-hot loss),
+  that excite its features (activation loss) and that cover its classes (information entropy);
+  the student learns them by KL at --temperature.
+- `zskt` (Micaelli & Storkey 2019): adversarial belief matching -- the generator maximises the
+  KL between teacher and student, the student minimises it, plus attention transfer on the
+  stages both networks share (layer1..layer3 of the CIFAR ResNets).
+- `dfad` (Fang et al. 2019): the same game on the L1 distance of the logits.
+
+Black-box (answers only, through the query ledger; the victim's weights are never touched):
+- `dfme` (Truong et al. 2021): the generator is trained through the victim with forward
+  differences: m random unit directions per image, step epsilon; logits are recovered from
+  probabilities (log-probabilities, centred), and the student learns them by L1.
+- `dfms` (Sanyal et al. 2022, hard labels): the generator is first trained as a GAN on a proxy
+  set (any images), then keeps a GAN loss against it plus a class-diversity loss measured on the
+  student; the student learns the victim's labels by cross-entropy.
+
+Every teacher call is metered by the run's ledger: white-box forwards with `ledger.charge`
+(they cannot be cached), black-box answers with `ledger.ask` (cached: a replayed step after a
+kill -9 is answered free). A step that the remaining budget cannot pay for in full is not
+started: the run stops there (StopTraining "budget"), saved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import step_generator
+from .classification import soft_loss
+from .sources import GeneratedBatches
+from .stopping import StopTraining
+from .task import StepContext, StepOutput, Task
+
+WHITE_BOX = ("dafl", "zskt", "dfad")
+BLACK_BOX = ("dfme", "dfms")
+METHODS = WHITE_BOX + BLACK_BOX
+LATENT_SALT = 0x7A  # the latent codes' draws are not the step's other draws
+
+
+@dataclass
+class DataFreeOptions:
+    """A method's knobs (each a `distill` setting: fakecifar.distill_config)."""
+
+    method: str
+    latent: int = 256
+    generator_width: int = 64
+    generator_lr: float = 1e-3
+    student_steps: int = 5  # student updates per iteration
+    generator_steps: int = 1  # generator updates per iteration
+    directions: int = 1  # dfme: random directions per image for the gradient estimate
+    epsilon: float = 1e-3  # dfme: the forward-difference step
+    attention: float = 250.0  # zskt: weight of attention transfer
+    diversity: float = 1.0  # dfms: weight of the class-diversity loss
+    proxy_epochs: int = 0  # dfms: GAN pre-training epochs on the proxy set
+
+
+def queries_per_step(options: DataFreeOptions, batch: int) -> int:
+    """Images one iteration asks the teacher about: what a step costs the budget."""
+    m = options.method
+    if m == "dafl":
+        return batch * options.student_steps
+    if m == "zskt":
+        return batch * (options.generator_steps + 1)  # the student's targets: one forward
+    if m == "dfad":
+        return batch * (options.student_steps + options.generator_steps)
+    if m == "dfme":
+        return batch * (options.generator_steps * (options.directions + 1) + options.student_steps)
+    if m == "dfms":
+        return batch * options.student_steps
+    raise ValueError(f"unknown method {m!r}")
+
+
+def latent_batches(steps: int, batch: int, latent: int, seed: int, device: torch.device) -> GeneratedBatches:
+    """`steps` latent batches per epoch, z ~ N(0, I) drawn from (seed, epoch, step)."""
+
+    def make(epoch: int, step: int) -> torch.Tensor:
+        g = step_generator(seed + LATENT_SALT, epoch, step)
+        return torch.randn(batch, latent, generator=g).to(device)
+
+    return GeneratedBatches(steps, make)
+
+
+class TeacherAccess:
+    """The teacher as the tasks see it, every call metered by `ledger`. `logits(x)` (white-box:
+    differentiable in x, charged), `features_and_logits(x)` (also the input of its last linear
+    layer and the outputs of its named stages), `soft(x)` (black-box: centred log-probabilities,
+    no gradient), `labels(x)` (black-box: top-1)."""
+
+    def __init__(self, teacher: Any, ledger: Any, device: torch.device, stages: Sequence[str] = ()):
+        from ..teachers import BudgetExhausted
+
+        self.teacher, self.ledger, self.device = teacher, ledger, device
+        self.exhausted = BudgetExhausted
+        self.module: nn.Module | None = teacher.module if teacher.white_box else None
+        self._captured: dict[str, torch.Tensor] = {}
+        self.stage_names: list[str] = []
+        if self.module is not None:
+            self.module.eval()
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+            net = getattr(self.module, "model", self.module)
+            linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
+            if linear:
+                linear[-1].register_forward_hook(lambda _m, inp, _out: self._captured.__setitem__("features", inp[0]))
+            for name in stages:
+                sub = dict(net.named_modules()).get(name)
+                if sub is not None:
+                    self.stage_names.append(name)
+                    sub.register_forward_hook(lambda _m, _i, out, key=name: self._captured.__setitem__(key, out))
+
+    def affordable(self, n: int) -> bool:
+        left = self.ledger.remaining
+        return left is None or left >= n
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(x)[1]
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        assert self.module is not None, "a white-box method needs a torch teacher"
+        self._charge(len(x))
+        self._captured.clear()
+        out = self.module(x)
+        return dict(self._captured), out.float()
+
+    def soft(self, x: torch.Tensor) -> torch.Tensor:
+        answers = self._ask(x)
+        if answers.log_probs is None:
+            raise ValueError("the teacher answers labels only")
+        lp = torch.from_numpy(answers.log_probs).to(self.device).float()
+        return lp - lp.mean(1, keepdim=True)  # logits up to a constant per image: recentred
+
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._ask(x).labels.astype("int64")).to(self.device)
+
+    def _charge(self, n: int) -> None:
+        try:
+            self.ledger.charge(self.teacher, n)
+        except self.exhausted as exc:
+            raise StopTraining("budget", str(exc)) from exc
+
+    def _ask(self, x: torch.Tensor):
+        try:
+            return self.ledger.ask(self.teacher, x.detach().float().clamp(0, 1).cpu().contiguous().numpy())
+        except self.exhausted as exc:
+            raise StopTraining("budget", str(exc)) from exc
+
+
+def attention_map(feature: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis 2017: the channel-mean of squared activations, L2-normalised."""
+    return F.normalize(feature.float().pow(2).mean(1).flatten(1), dim=1)
+
+
+def class_entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Negative entropy of the batch's mean class distribution: minimising it spreads the
+    batch over the classes (DAFL's information entropy, DFMS's class diversity)."""
+    p = F.softmax(logits, dim=1).mean(0)
+    return (p * torch.log(p + 1e-8)).sum()
+
+
+class DataFreeTask(Task):
+    """What the methods share: the generator and its Adam, the student's SGD, normalisation of
+    the generated [0, 1] images for the student, the per-step reseeding, the budget check
+    before a step, per-epoch reporting (student accuracy on --val, reported only) and the
+    state a resume needs (the generator's weights; the optimizers are the loop's)."""
+
+    def __init__(
+        self,
+        config: Any,
+        options: DataFreeOptions,
+        access: TeacherAccess,
+        generator: nn.Module,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        val: Any = None,
+        seed: int = 0,
+    ):
+        self.config, self.options, self.access, self.generator = config, options, access, generator
+        self.mean_list, self.std_list, self.val, self.seed = list(mean), list(std), val, seed
+        self.cost = queries_per_step(options, config.batch_size)
+        self.generator_loss_sum, self.generator_updates = 0.0, 0
+
+    # -- the engine's interface
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        c = self.config
+        self.device = device
+        self.generator.to(device)
+        self.mean = torch.tensor(self.mean_list, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.std_list, device=device).view(1, -1, 1, 1)
+        self.student_opt = torch.optim.SGD(
+            model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov
+        )
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=self.options.generator_lr)
+        self.extra_setup(device)
+
+    def extra_setup(self, device: torch.device) -> None:
+        pass
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.student_opt, self.generator_opt]
+
+    def step(self, batch: torch.Tensor, ctx: StepContext) -> StepOutput:
+        if not self.access.affordable(self.cost):
+            raise StopTraining(
+                "budget", f"the query budget cannot pay for another step ({self.cost:,} queries: see the ledger)"
+            )
+        torch.manual_seed(step_generator(self.seed, ctx.epoch, ctx.step).initial_seed())
+        self.generator.train()
+        self.step_generator_loss = torch.zeros(())
+        loss, count = self.iterate(batch, ctx)
+        return StepOutput(loss.detach(), count, watch={"generator loss": self.step_generator_loss})
+
+    def iterate(self, z: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, int]:
+        """One iteration of the method: (the last student loss, images the student learned)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
+        out = {
+            "generator_loss": self.generator_loss_sum / max(self.generator_updates, 1),
+            "queries": float(self.access.ledger.spent),  # so far: the x axis of accuracy-vs-queries
+        }
+        self.generator_loss_sum, self.generator_updates = 0.0, 0
+        if self.val is not None:
+            from .classification import _validate
+
+            out["val_loss"], out["val_acc"] = _validate(
+                model, self.val, self.config, self.num_classes, ctx.amp_dtype, ctx.device, ctx.dist
+            )
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+
+    # -- shared pieces
+
+    @property
+    def num_classes(self) -> int:
+        return self.access.teacher.num_classes
+
+    def student(self, ctx: StepContext, x01: torch.Tensor) -> torch.Tensor:
+        with ctx.autocast():
+            return ctx.net((x01 - self.mean) / self.std).float()
+
+    def update_student(self, ctx: StepContext, loss: torch.Tensor) -> None:
+        gate_loss = getattr(ctx.model, "gate_loss", None)  # gated students: their sparsity term
+        if gate_loss is not None:
+            loss = loss + gate_loss()
+        ctx.update(loss, self.student_opt)
+
+    def update_generator(self, loss: torch.Tensor) -> None:
+        self.generator_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.generator_opt.step()
+        self.note_generator(loss)
+
+    def note_generator(self, loss: torch.Tensor) -> None:
+        self.step_generator_loss = loss.detach()
+        self.generator_loss_sum += float(loss.detach())
+        self.generator_updates += 1
+
+    def fresh_z(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.randn_like(z)
+
+
+class DAFL(DataFreeTask):
+    def iterate(self, z, ctx):
+        loss = torch.zeros(())
+        for i in range(self.options.student_steps):
+            zi = z if i == 0 else self.fresh_z(z)
+            x = self.generator(zi)
+            captured, t = self.access.features_and_logits(x)
+            features = captured.get("features", t)
+            one_hot = F.cross_entropy(t, t.argmax(1))
+            activation = -features.abs().mean()
+            g_loss = one_hot + 0.1 * activation + 5.0 * class_entropy_loss(t)
+            self.update_generator(g_loss)
+            s = self.student(ctx, x.detach())
+            loss = soft_loss("kl", s, t.detach(), self.config.temperature)
+            self.update_student(ctx, loss)
+        return loss, len(z) * self.options.student_steps
+
+
+STAGES = ("layer1", "layer2", "layer3")
+
+
+class ZSKT(DataFreeTask):
+    def extra_setup(self, device):
+        self.student_maps: dict[str, torch.Tensor] = {}
+
+    def attach(self, model: nn.Module) -> list[str]:
+        names = dict(model.named_modules())
+        shared = [s for s in STAGES if s in names and s in self.access.stage_names]
+        for s in shared:
+            names[s].register_forward_hook(lambda _m, _i, out, key=s: self.student_maps.__setitem__(key, out))
+        return shared
+
+    def iterate(self, z, ctx):
+        if not hasattr(self, "shared"):
+            self.shared = self.attach(ctx.model)
+        for _ in range(self.options.generator_steps):
+            x = self.generator(z)
+            t = self.access.logits(x)
+            s = self.student(ctx, x)
+            g_loss = -soft_loss("kl", s, t, 1.0)
+            self.update_generator(g_loss)
+        x = self.generator(z).detach()
+        with torch.no_grad():
+            captured, t = self.access.features_and_logits(x)
+        loss = torch.zeros(())
+        for _ in range(self.options.student_steps):
+            s = self.student(ctx, x)
+            loss = soft_loss("kl", s, t, 1.0)
+            for name in self.shared:
+                a_s, a_t = attention_map(self.student_maps[name]), attention_map(captured[name])
+                if a_s.shape == a_t.shape:
+                    loss = loss + self.options.attention * (a_s - a_t).pow(2).mean()
+            self.update_student(ctx, loss)
+        return loss, len(z) * self.options.student_steps
+
+
+class DFAD(DataFreeTask):
+    def iterate(self, z, ctx):
+        loss = torch.zeros(())
+        for i in range(self.options.student_steps):
+            x = self.generator(z if i == 0 else self.fresh_z(z)).detach()
+            with torch.no_grad():
+                t = self.access.logits(x)
+            loss = F.l1_loss(self.student(ctx, x), t)
+            self.update_student(ctx, loss)
+        for _ in range(self.options.generator_steps):
+            x = self.generator(self.fresh_z(z))
+            g_loss = -F.l1_loss(self.student(ctx, x), self.access.logits(x))
+            self.update_generator(g_loss)
+        return loss, len(z) * self.options.student_steps
+
+
+class DFME(DataFreeTask):
+    """The generator's gradient through the victim is estimated by forward differences
+    (zeroth order): for each image x and m random unit directions u, grad ~ d/m * sum
+    (L(x + eps u) - L(x)) / eps * u, where L is the per-image L1 student-victim disagreement
+    and d the image's dimension (Truong et al. 2021). Each of the m + 1 points is a query."""
+
+    def iterate(self, z, ctx):
+        o = self.options
+        for _ in range(o.generator_steps):
+            x = self.generator(z)
+            xd = x.detach()
+            n, dim = len(xd), xd[0].numel()
+            u = F.normalize(torch.randn(n, o.directions, dim, device=xd.device), dim=2)
+            points = torch.cat(
+                [xd.unsqueeze(1), (xd.flatten(1).unsqueeze(1) + o.epsilon * u).view(n, -1, *xd.shape[1:])], 1
+            )
+            flat = points.view(n * (o.directions + 1), *xd.shape[1:]).clamp(0, 1)
+            with torch.no_grad():
+                t = self.access.soft(flat)
+                s = self.student(ctx, flat)
+                per_point = (s - t).abs().mean(1).view(n, o.directions + 1)
+            diff = (per_point[:, 1:] - per_point[:, :1]) / o.epsilon  # (n, m)
+            grad = (dim / o.directions) * (diff.unsqueeze(2) * u).sum(1).view_as(xd)
+            self.generator_opt.zero_grad(set_to_none=True)
+            x.backward(-grad / n)  # ascend the disagreement
+            self.generator_opt.step()
+            self.note_generator(-per_point[:, 0].mean())
+        loss = torch.zeros(())
+        for i in range(o.student_steps):
+            x = self.generator(z if i == 0 else self.fresh_z(z)).detach()
+            t = self.access.soft(x)
+            loss = F.l1_loss(self.student(ctx, x), t)
+            self.update_student(ctx, loss)
+        return loss, len(z) * o.student_steps
+
+
+class DFMS(DataFreeTask):
+    """`proxy` ([N, H, W, 3] uint8 images of any source) keeps the generator's images natural:
+    a discriminator tells them from the generator's, first for `proxy_epochs` of plain GAN
+    pre-training (no query), then beside the class-diversity loss on the student."""
+
+    def __init__(self, *args: Any, proxy: torch.Tensor, discriminator: nn.Module, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.proxy, self.discriminator = proxy, discriminator
+        self.pretrained = False
+
+    def extra_setup(self, device):
+        self.discriminator.to(device)
+        self.discriminator_opt = torch.optim.Adam(self.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.generator_opt.param_groups[0]["betas"] = (0.5, 0.999)
+
+    def optimizers(self):
+        return [self.student_opt, self.generator_opt, self.discriminator_opt]
+
+    def real_batch(self, n: int) -> torch.Tensor:
+        rows = torch.randint(0, len(self.proxy), (n,))
+        return self.proxy[rows].to(self.device).permute(0, 3, 1, 2).float().div_(255)
+
+    def gan_step(self, z: torch.Tensor, extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        x = self.generator(z)
+        real, fake = self.discriminator(self.real_batch(len(z))), self.discriminator(x.detach())
+        d_loss = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(
+            fake, torch.zeros_like(fake)
+        )
+        self.discriminator_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.discriminator_opt.step()
+        judged = self.discriminator(x)
+        g_loss = F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))
+        if extra is not None:
+            g_loss = g_loss + extra(x)
+        self.update_generator(g_loss)
+
+    def pretrain(self, steps: int, batch: int, latent: int, on_step: Callable[[int], None] | None = None) -> None:
+        """GAN pre-training on the proxy set: `steps` generator/discriminator updates."""
+        g = torch.Generator().manual_seed(self.seed + 0x6D73)
+        for i in range(steps):
+            torch.manual_seed(g.initial_seed() + i)
+            self.gan_step(torch.randn(batch, latent, generator=g).to(self.device))
+            if on_step:
+                on_step(i)
+        self.pretrained = True
+
+    def iterate(self, z, ctx):
+        for _ in range(self.options.generator_steps):
+            self.gan_step(z, lambda x: self.options.diversity * class_entropy_loss(self.student(ctx, x)))
+        loss = torch.zeros(())
+        for i in range(self.options.student_steps):
+            x = self.generator(z if i == 0 else self.fresh_z(z)).detach()
+            loss = F.cross_entropy(self.student(ctx, x), self.access.labels(x))
+            self.update_student(ctx, loss)
+        return loss, len(z) * self.options.student_steps
+
+    def state_dict(self):
+        return {
+            **super().state_dict(),
+            "discriminator": {k: v.detach().cpu().clone() for k, v in self.discriminator.state_dict().items()},
+            "pretrained": self.pretrained,
+        }
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.pretrained = bool(state.get("pretrained", False))
+
+
+TASKS: dict[str, type[DataFreeTask]] = {"dafl": DAFL, "zskt": ZSKT, "dfad": DFAD, "dfme": DFME, "dfms": DFMS}
+
+
+def proxy_steps(options: DataFreeOptions, proxy_images: int, batch: int) -> int:
+    """GAN pre-training updates of dfms: `proxy_epochs` passes over the proxy set."""
+    return options.proxy_epochs * math.ceil(proxy_images / batch)

@@ -1,0 +1,244 @@
+"""`fakecifar distill --method M`: data-free distillation end to end on CPU at toy scale -- a real
+tiny teacher (.pt white-box, .onnx and `fakecifar serve` black-box), real generators and
+students trained a few iterations, the ledger exact (and equal to the server's own count),
+exact resume, and every bad input of the issue."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from teacher_server import CLASSES, SIZE
+
+from fakecifar.checkpoint import _torch_load, load_checkpoint
+from fakecifar.manifest import describe_directory
+from fakecifar.shards import ShardWriter
+
+from helpers import one_error_line, random_images
+
+# Toy scale: 2 iterations per epoch of batch 8, a tiny generator.
+TINY = ["--batch-size", "8", "--latent", "16", "--generator-width", "8", "--student-steps", "2"]
+TINY += ["--steps-per-epoch", "2", "--precision", "fp32", "--seed", "0", "--epochs", "1"]
+PER_STEP = {"dafl": 8 * 2, "zskt": 8 * 2, "dfad": 8 * 3, "dfme": 8 * 2 + 8 * 2, "dfms": 8 * 2}
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("proxy")
+    with ShardWriter(directory / "p.h5", classes=CLASSES, image_size=(SIZE, SIZE), producer="test") as w:
+        w.add_batch(random_images(32, (SIZE, SIZE), 5), np.full(32, -1))
+    describe_directory(directory)
+    return directory
+
+
+def queries_of(checkpoint: Path) -> dict:
+    return load_checkpoint(checkpoint)[1]["train"]["queries"]
+
+
+def teacher_for(method: str, models) -> Path:
+    return models.pt if method in ("dafl", "zskt", "dfad") else models.onnx
+
+
+@pytest.mark.parametrize("method", ["dafl", "zskt", "dfad", "dfme", "dfms"])
+def test_each_method_runs_end_to_end_and_the_ledger_counts_every_query(cli, models, proxy, tmp_path, method):
+    out = tmp_path / f"{method}.pt"
+    student = "resnet20" if method == "zskt" else "lenet5"  # zskt: attention on the shared stages
+    extra = ["--proxy", str(proxy)] if method == "dfms" else []
+    result = cli(
+        "distill",
+        "--teacher",
+        teacher_for(method, models),
+        "--method",
+        method,
+        "--student",
+        student,
+        *TINY,
+        *extra,
+        "-o",
+        out,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.lines == [str(out)]
+    s = queries_of(out)
+    assert s["queries"] == 2 * PER_STEP[method], s  # 2 iterations, each paid in full, counted where asked
+    model, meta = load_checkpoint(out)
+    assert meta["train"]["distill"]["method"] == method and meta["classes"] == CLASSES
+    assert "generator" in _torch_load(out, "cpu")["resume"]["task"]
+    assert "selection" in meta["train"] and "final" in meta["train"]["selection"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.rand(2, 3, SIZE, SIZE))).all()
+
+
+def test_black_box_methods_against_fakecifar_serve_agree_with_the_servers_count(cli, real_serve, proxy, tmp_path):
+    for method, mode, extra in [("dfme", "probs", []), ("dfms", "label", ["--proxy", str(proxy)])]:
+        server = real_serve(mode=mode)
+        out = tmp_path / f"{method}.pt"
+        result = cli(
+            "distill", "--teacher", server.url, "--method", method, "--student", "lenet5", *TINY, *extra, "-o", out
+        )
+        assert result.exit_code == 0, result.stderr
+        s = queries_of(out)
+        assert s["queries"] == 2 * PER_STEP[method] == server.accounts()["anonymous"]["images"]
+
+
+def test_a_budget_sizes_the_run_and_is_never_exceeded(cli, models, tmp_path):
+    out = tmp_path / "b.pt"
+    # dfme at this scale: 32 queries a step; 100 queries over 1 epoch -> 3 steps (96 queries).
+    result = cli(
+        "distill",
+        "--teacher",
+        models.onnx,
+        "--method",
+        "dfme",
+        "--student",
+        "lenet5",
+        *TINY,
+        "--queries",
+        "100",
+        "-o",
+        out,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert queries_of(out)["queries"] == 96
+    assert "of 100" in result.stderr
+
+
+# A `fakecifar distill` that blocks before iteration 2 of epoch 2 until it is signalled, after
+# writing MARK on stderr: the signal lands mid-epoch on every run, however slow the machine.
+_DISTILL_UNTIL_SIGNALLED = """
+import signal, sys, time
+import fakecifar.training.datafree as df
+from fakecifar.cli.app import main
+
+real = df.step_generator
+
+def hooked(seed, epoch, step):
+    if (epoch, step) == (1, 1):
+        print("MARK", file=sys.stderr, flush=True)
+        flag = signal.getsignal(signal.SIGTERM).__self__  # the training loop's StopFlag
+        deadline = time.monotonic() + 120
+        while not flag.set and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real(seed, epoch, step)
+
+df.step_generator = hooked
+main(sys.argv[1:])
+"""
+
+
+def _interrupted(args: list[str], sig: int) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DISTILL_UNTIL_SIGNALLED, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.strip() == "MARK":
+            break
+    proc.send_signal(sig)
+    out, rest = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, out, "".join(lines) + rest)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_resume_after_sigterm_or_kill_9_is_exact_and_pays_nothing_twice(cli, models, tmp_path, sig):
+    args = ["distill", "--teacher", models.onnx, "--method", "dfme", "--student", "lenet5", *TINY]
+    args += ["--epochs", "2", "--schedule", "constant"]
+    straight, cut = tmp_path / "straight.pt", tmp_path / "cut.pt"
+    assert cli(*args, "-o", straight).exit_code == 0
+    stopped = _interrupted([*args, "-o", cut], sig)
+    assert stopped.returncode == (143 if sig == signal.SIGTERM else -9), stopped.stderr
+    resumed = cli("distill", "--resume", cut)
+    assert resumed.exit_code == 0, resumed.stderr
+    a, b = load_checkpoint(straight)[0].state_dict(), load_checkpoint(cut)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same seed gives the same student
+    # Replayed iterations are answered from the ledger's cache: nothing is paid twice.
+    assert queries_of(cut)["queries"] == queries_of(straight)["queries"] == 4 * PER_STEP["dfme"]
+
+
+def test_resume_with_other_method_options_is_refused(cli, models, tmp_path):
+    out = tmp_path / "r.pt"
+    args = ["distill", "--teacher", models.onnx, "--method", "dfme", "--student", "lenet5", *TINY]
+    assert cli(*args, "-o", out).exit_code == 0
+    before = out.read_bytes()
+    changed = cli("distill", "--resume", out, "--epochs", "2", "--directions", "4")
+    assert changed.exit_code == 2
+    one_error_line(changed, "--directions 1 (not 4)", command="distill")
+    assert out.read_bytes() == before
+
+
+def test_white_box_method_with_a_black_box_teacher_is_refused(cli, models, real_serve, tmp_path):
+    for teacher in (models.onnx, real_serve(mode="probs").url):
+        result = cli("distill", "--teacher", teacher, "--method", "dafl", *TINY, "-o", tmp_path / "w.pt")
+        assert result.exit_code == 2
+        one_error_line(result, "--method dafl is white-box", "--method dfme", command="distill", last=True)
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_label_only_teacher_for_dfme_is_refused(cli, models, tmp_path):
+    result = cli(
+        "distill", "--teacher", models.onnx, "--mode", "label", "--method", "dfme", *TINY, "-o", tmp_path / "l.pt"
+    )
+    assert result.exit_code == 2
+    one_error_line(result, "dfme needs probabilities", "--method dfms", command="distill", last=True)
+
+
+def test_a_budget_spent_before_the_first_generator_step_is_refused(cli, models, tmp_path):
+    result = cli(
+        "distill", "--teacher", models.onnx, "--method", "dfme", *TINY, "--queries", "20", "-o", tmp_path / "q.pt"
+    )
+    assert result.exit_code == 2
+    one_error_line(
+        result, "--queries 20 is spent before the first generator step", "32 images", command="distill", last=True
+    )
+    assert not (tmp_path / "q.pt").exists() and not (tmp_path / "q.pt.queries").exists()
+
+
+def test_dfms_needs_a_proxy_and_data_free_takes_no_transfer_set(cli, models, proxy, tmp_path):
+    none = cli("distill", "--teacher", models.onnx, "--method", "dfms", *TINY, "-o", tmp_path / "p.pt")
+    assert none.exit_code == 2
+    one_error_line(none, "--method dfms needs a proxy set", command="distill", last=True)
+    both = cli(
+        "distill", "--teacher", models.onnx, "--method", "dfme", "--transfer", proxy, *TINY, "-o", tmp_path / "p.pt"
+    )
+    assert both.exit_code == 2
+    one_error_line(both, "--transfer is for --method transfer", command="distill")
+
+
+def test_a_collapsing_generator_stops_the_run_and_writes_nothing_bad(cli, models, tmp_path):
+    out = tmp_path / "c.pt"
+    # An absurd generator learning rate makes its images, and then its loss, non-finite.
+    args = ["distill", "--teacher", models.pt, "--method", "dfad", "--student", "lenet5", *TINY]
+    result = cli(*args, "--epochs", "3", "--generator-lr", "1e20", "-o", out)
+    assert result.exit_code == 1, result.stderr
+    one_error_line(
+        result,
+        "generator loss became NaN/inf in epoch 1",
+        "no checkpoint was written",
+        "lower --generator-lr",
+        command="distill",
+        last=True,
+    )
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_dynamic_student_learns_by_dfme_and_reports_its_gate_pattern(cli, models, tmp_path):
+    out = tmp_path / "gated.pt"
+    result = cli(
+        "distill", "--teacher", models.onnx, "--method", "dfme", "--student", "gated-resnet20", *TINY, "-o", out
+    )
+    assert result.exit_code == 0, result.stderr
+    line = [x for x in result.stderr.splitlines() if x.startswith("gates (execution rate per block")]
+    assert len(line) == 1 and re.search(r": [x-]{3}\|[x-]{3}\|[x-]{3} \(mean rate", line[0]), result.stderr
