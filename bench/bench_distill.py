@@ -8,10 +8,10 @@ cost is the same), synthetic 32x32 transfer images, one torch thread, `--epochs`
 variant; the figure is the engine's own images/s of the last epoch (labelling, the first epoch's
 warm-up and validation left out), the median over `--repeat` interleaved repeats.
 
-Online runs twice: with the teacher's exact pass (NCHW, bit-identical to `fakecifar serve`) and
-with its fast pass (`open_teacher(fast=True)`: BatchNorm folded, NHWC, fp32; distill has no
-setting for it yet, so the bench opens the teacher that way). Afterwards the two passes are
-compared on the same 256 images: top-1 agreement and the largest logit difference.
+Online runs twice: with the teacher's exact pass (NCHW, in cache-sized sub-batches: bit-identical
+to `fakecifar serve`) and with its fast pass (`distill --fast-teacher`: BatchNorm folded into the
+convolutions, NHWC, fp32). Afterwards the two passes are compared on the same 256 images: top-1
+agreement and the largest logit difference.
 
 On a shared machine the engine's figure of a short run swings by +-10% (other jobs' load moves
 under it). `--steps N` adds a finer comparison, interleaved step by step: N rounds of one
@@ -26,12 +26,9 @@ both sides).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +68,6 @@ def teacher_file(folder: Path) -> tuple[str, str | None]:
         input_size=32,
     )
     return str(path), None
-
-
-@contextlib.contextmanager
-def teacher_pass(fast: bool) -> Iterator[None]:
-    """distill() opens its teacher through fakecifar.teachers.open_teacher: with the fast pass."""
-    real = teachers.open_teacher
-    if fast:
-        teachers.open_teacher = functools.partial(real, fast=True)
-    try:
-        yield
-    finally:
-        teachers.open_teacher = real
 
 
 def agreement(teacher: str, arch: str | None, n: int = 256) -> str:
@@ -175,9 +160,8 @@ def main() -> None:
             result = train(data, run / "plain.pt", config)
             speeds["train"].append(result.history[-1]["images_per_s"])
             for i, (name, (online, fast)) in enumerate(VARIANTS.items()):
-                settings = make_settings(teacher=teacher, teacher_arch=arch, online=online)
-                with teacher_pass(fast):
-                    d = distill(data, run / f"distill{i}.pt", config, settings)
+                settings = make_settings(teacher=teacher, teacher_arch=arch, online=online, fast_teacher=fast)
+                d = distill(data, run / f"distill{i}.pt", config, settings)
                 speeds[name].append(d.history[-1]["images_per_s"])
                 print(
                     f"repeat {r + 1}: {name}: {speeds[name][-1]:.0f} img/s; train {speeds['train'][-1]:.0f} img/s; "

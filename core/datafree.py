@@ -136,6 +136,7 @@ def distill_datafree(
         arch=settings.teacher_arch,
         api_key_env=settings.api_key_env,
         batch_size=settings.query_batch,
+        fast=settings.fast_teacher,
     )
     with teacher:
         check_method(method, teacher)

@@ -273,6 +273,7 @@ def distill(
         arch=settings.teacher_arch,
         api_key_env=settings.api_key_env,
         batch_size=settings.query_batch,
+        fast=settings.fast_teacher,
     )
     with teacher:
         loss = resolve_loss(settings, teacher.mode)

@@ -131,6 +131,13 @@ class DistillSettings:
         help="Environment variable holding the key of a remote teacher (never logged).",
         panel=DISTILL,
     )
+    fast_teacher: bool = setting(
+        False,
+        "--fast-teacher/--exact-teacher",
+        help="Local torch teachers: answer with BatchNorm folded into the convolutions, channels-last "
+        "(checked against the exact pass when opened; equal to float rounding, not bit-identical to serve).",
+        panel=DISTILL,
+    )
     cache: bool = setting(
         True, "--cache/--no-cache", help="Answer repeated images from the ledger's cache (free).", panel=DISTILL
     )

@@ -18,13 +18,14 @@ together until then: the file moved alone after a kill lacks its last transactio
 
 - the answer cache: the answer to each image, keyed by (sha256 of its exact float32 bytes,
   output mode), so a resumed or re-run job never pays twice for an answered image;
-- counters per output mode (and per kind of `charge`): `queries` (images the teacher charged: what the budget limits and
-  what the server counts), split into `unique` (answered for the first time), `repeated`
-  (answered again: the cache was off) and `lost` (charged, but no usable answer came back);
-  `pending` (images whose charge is not known yet: counted against the budget until it is),
-  `cache_hits` (answered from the cache or by a duplicate in the same batch: free), `sent`
-  (images in every request made, failed ones included), `interrupted` (local teachers: images
-  in a forward pass that a kill cut short: not charged); and `requests`, `failed_requests`;
+- counters per output mode (and per kind of `charge`): `queries` (images the teacher
+  charged: what the budget limits and what the server counts), split into `unique` (answered
+  for the first time), `repeated` (answered again: the cache was off) and `lost` (charged, but
+  no usable answer came back); `pending` (images whose charge is not known yet: counted
+  against the budget until it is), `cache_hits` (answered from the cache or by a duplicate in
+  the same batch: free), `sent` (images in every request made, failed ones included),
+  `interrupted` (local teachers: images in a forward pass that a kill cut short: not
+  charged); and `requests`, `failed_requests`;
 - for a remote teacher, the server's account: `base` (its count when the ledger was created),
   `seen` (its last figure), `foreign` (images the server charged that this ledger did not
   send: another client on the same key) and `discrepancy` (images the ledger counted that the
@@ -285,9 +286,9 @@ class QueryLedger:
 
     `budget`: the hard limit on charged images (`--queries N`); None keeps the budget stored in
     the ledger (a resumed run keeps its own), if any. `cache=False` sends every image every
-    time and looks nothing up (answers are still stored; repeats are counted as `repeated`). `teacher` binds the
-    ledger at once (identity check, interrupted calls settled); otherwise the first `ask`
-    does. The file is locked for the ledger's life: a second process gets OutputBusyError."""
+    time and looks nothing up (answers are still stored; repeats are counted as `repeated`).
+    `teacher` binds the ledger at once (identity check, interrupted calls settled); otherwise
+    the first `ask` does. The file is locked for the ledger's life: a second process gets OutputBusyError."""
 
     def __init__(
         self,
@@ -382,7 +383,7 @@ class QueryLedger:
                 )
                 self.conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{header};COMMIT;")
             # After the creation (written straight into the file, so that a ledger is never an
-            # empty file plus a -wal): one fsync per commit instead of the rollback journal's four.
+            # empty file plus a -wal): one fsync per commit, not the rollback journal's several.
             self.conn.execute(f"PRAGMA journal_mode={JOURNAL_MODE}")
             self._state = self._load_state()
             if budget is not None and budget != self._get_meta("budget"):

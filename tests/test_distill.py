@@ -296,3 +296,15 @@ def test_offline_distillation_under_torchrun(models, transfer, tmp_path):
 
     meta = load_checkpoint(out)[1]["train"]
     assert meta["world_size"] == 2 and meta["queries"]["queries"] == 48 and meta["queries"]["unique"] == 48
+
+
+def test_fast_teacher_pass_is_asked_for_and_recorded(cli, models, transfer, tmp_path):
+    from fakecifar.checkpoint import load_checkpoint
+
+    out = tmp_path / "fast.pt"
+    result = cli(
+        "distill", "--teacher", models.pt, "--transfer", transfer, "--online", "--fast-teacher", *STUDENT, "-o", out
+    )
+    assert result.exit_code == 0, result.stderr
+    distilled = load_checkpoint(out)[1]["train"]["distill"]
+    assert distilled["fast_teacher"] is True and distilled["teacher_describe"]["fast"] is True

@@ -590,13 +590,16 @@ def test_charges_survive_reopen_and_kill_9(models: Models, tmp_path: Path) -> No
 
 
 def test_a_call_is_two_commits_and_the_cache_off_looks_nothing_up(models: Models, tmp_path: Path) -> None:
+    import torch
+
     t = teacher(models)
     for cache in (True, False):
         with QueryLedger(tmp_path / f"{cache}.queries", cache=cache) as ledger:
             ledger.ask(t, images(2, seed=9))  # binds the teacher
+            generated = torch.from_numpy(images(6)).requires_grad_(True)  # as a generator makes them
             statements: list[str] = []
             ledger.conn.set_trace_callback(statements.append)
-            ledger.ask(t, images(6))  # one call of fresh images: the intent, then the outcome
+            ledger.ask(t, generated)  # one call of fresh images: the intent, then the outcome
             ledger.conn.set_trace_callback(None)
             assert [s for s in statements if s == "COMMIT"] == ["COMMIT", "COMMIT"], statements
             selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]

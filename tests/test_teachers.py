@@ -104,6 +104,15 @@ def test_torch_tensor_and_float64_input(models: Models) -> None:
     assert len(teacher.query(np.zeros((0, 3, SIZE, SIZE), np.float32))) == 0
 
 
+def test_sub_batches_on_the_cpu_answer_bit_for_bit_as_one_pass(models: Models) -> None:
+    teacher = open_teacher(models.pt, mode="logits", device="cpu", batch_size=512)
+    assert isinstance(teacher, TorchTeacher) and teacher.forward_batch == 128  # 16x16: 32 of 32x32 in pixels
+    x = images(300)  # three sub-batches of 100 in one attempt
+    same_answers(teacher.query(x), Answers.from_logits(reference_logits(models.model, x), parse_mode("logits")))
+    th = open_teacher(models.th, arch="resnet20", device="cpu")
+    assert isinstance(th, TorchTeacher) and th.forward_batch == 32
+
+
 def test_the_fast_pass_answers_the_same_to_float_rounding(models: Models) -> None:
     x = images(12)
     exact = open_teacher(models.pt, mode="logits", device="cpu")
