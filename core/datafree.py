@@ -54,6 +54,7 @@ def method_options(settings, method: str):
         attention=settings.attention,
         diversity=settings.diversity,
         proxy_epochs=settings.proxy_epochs,
+        replay=settings.replay,
     )
 
 
@@ -117,6 +118,8 @@ def distill_datafree(
     output = Path(output)
     log_path = Path(log_path) if log_path else None
     check_outputs(output, config, resume=resume, onnx=onnx, overwrite=overwrite, log_path=log_path, dist=dist)
+    if method == "zskt" and settings.replay:
+        raise UsageError("--replay works with dafl, dfad, dfme and dfms", "drop --replay for zskt")
     if method == "dfms" and proxy is None:
         raise UsageError("--method dfms needs a proxy set to pre-train its generator", "give --proxy SHARDS")
     options = method_options(settings, method)

@@ -31,6 +31,7 @@ METHOD_SETTINGS = (
     "attention",
     "diversity",
     "proxy_epochs",
+    "replay",
 )
 
 
@@ -218,6 +219,14 @@ class DistillSettings:
         "--proxy-epochs",
         help="dfms: GAN pre-training passes over the --proxy images (no query).",
         check=(lambda v: v >= 0, "--proxy-epochs must be >= 0"),
+        panel=DATAFREE,
+    )
+    replay: int = setting(
+        0,
+        "--replay",
+        help="Experience replay (dafl, dfad, dfme, dfms): keep the last N generated images with the teacher's "
+        "answers; each student step also learns from a batch of them (no query). 0: off.",
+        check=(lambda v: v >= 0, "--replay must be >= 0"),
         panel=DATAFREE,
     )
     steps_per_epoch: int = setting(

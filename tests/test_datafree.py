@@ -155,7 +155,7 @@ def _interrupted(args: list[str], sig: int) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_resume_after_sigterm_or_kill_9_is_exact_and_pays_nothing_twice(cli, models, tmp_path, sig):
     args = ["distill", "--teacher", models.onnx, "--method", "dfme", "--student", "lenet5", *TINY]
-    args += ["--epochs", "2", "--schedule", "constant"]
+    args += ["--epochs", "2", "--schedule", "constant", "--replay", "12"]  # the replay buffer resumes too
     straight, cut = tmp_path / "straight.pt", tmp_path / "cut.pt"
     assert cli(*args, "-o", straight).exit_code == 0
     stopped = _interrupted([*args, "-o", cut], sig)
@@ -242,3 +242,18 @@ def test_a_dynamic_student_learns_by_dfme_and_reports_its_gate_pattern(cli, mode
     assert result.exit_code == 0, result.stderr
     line = [x for x in result.stderr.splitlines() if x.startswith("gates (execution rate per block")]
     assert len(line) == 1 and re.search(r": [x-]{3}\|[x-]{3}\|[x-]{3} \(mean rate", line[0]), result.stderr
+
+
+def test_replay_buffer_keeps_the_last_images_and_round_trips():
+    from fakecifar.training.datafree import ReplayBuffer
+
+    buffer = ReplayBuffer(5)
+    for start in (0, 3, 6):  # 9 images into 5 places: the last 5 (4..8) stay
+        x = torch.arange(start, start + 3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2) / 10
+        buffer.add(x, torch.arange(start, start + 3))
+    assert len(buffer) == 5 and sorted(buffer.targets.tolist()) == [4, 5, 6, 7, 8]
+    images, targets = buffer.sample(7)
+    assert images.dtype == torch.float32 and torch.allclose(images[:, 0, 0, 0], targets.float() / 10, atol=1e-3)
+    copy = ReplayBuffer(5)
+    copy.load_state_dict(buffer.state_dict(), torch.device("cpu"))
+    assert torch.equal(copy.images, buffer.images) and copy.next == buffer.next and len(copy) == 5

@@ -66,6 +66,7 @@ class DataFreeOptions:
     attention: float = 250.0  # zskt: weight of attention transfer
     diversity: float = 1.0  # dfms: weight of the class-diversity loss
     proxy_epochs: int = 0  # dfms: GAN pre-training epochs on the proxy set
+    replay: int = 0  # images of experience replay (0: off)
 
 
 def queries_per_step(options: DataFreeOptions, batch: int) -> int:
@@ -171,6 +172,53 @@ def class_entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return (p * torch.log(p + 1e-8)).sum()
 
 
+class ReplayBuffer:
+    """Experience replay (MAZE, Kariyappa et al. 2021; DFMS): the last `size` generated images
+    with the teacher's answers to them, so the student keeps learning from earlier queries at
+    no further cost. Images are kept as float16 (about 5e-4 from what the teacher saw, well
+    under one 8-bit level); a sample is drawn with torch's RNG, which each step reseeds."""
+
+    def __init__(self, size: int):
+        self.size, self.filled, self.next = int(size), 0, 0
+        self.images: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.filled
+
+    def add(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        x, target = x.detach()[: self.size], target.detach()[: self.size]
+        if self.images is None or self.targets is None:
+            self.images = torch.empty((self.size, *x.shape[1:]), dtype=torch.float16, device=x.device)
+            self.targets = torch.empty((self.size, *target.shape[1:]), dtype=target.dtype, device=x.device)
+        rows = (torch.arange(len(x), device=x.device) + self.next) % self.size
+        self.images[rows] = x.to(torch.float16)
+        self.targets[rows] = target
+        self.next = int((self.next + len(x)) % self.size)
+        self.filled = min(self.size, self.filled + len(x))
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.images is not None and self.targets is not None and self.filled
+        rows = torch.randint(0, self.filled, (n,)).to(self.images.device)
+        return self.images[rows].float(), self.targets[rows]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "images": None if self.images is None else self.images[: self.filled].cpu(),
+            "targets": None if self.targets is None else self.targets[: self.filled].cpu(),
+            "next": self.next,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        if state.get("images") is None:
+            return
+        images, targets = state["images"].to(device), state["targets"].to(device)
+        self.images = torch.empty((self.size, *images.shape[1:]), dtype=torch.float16, device=device)
+        self.targets = torch.empty((self.size, *targets.shape[1:]), dtype=targets.dtype, device=device)
+        self.filled, self.next = len(images), int(state["next"])
+        self.images[: self.filled], self.targets[: self.filled] = images, targets
+
+
 class DataFreeTask(Task):
     """What the methods share: the generator and its Adam, the student's SGD, normalisation of
     the generated [0, 1] images for the student, the per-step reseeding, the budget check
@@ -193,6 +241,7 @@ class DataFreeTask(Task):
         self.mean_list, self.std_list, self.val, self.seed = list(mean), list(std), val, seed
         self.cost = queries_per_step(options, config.batch_size)
         self.generator_loss_sum, self.generator_updates = 0.0, 0
+        self.replay = ReplayBuffer(options.replay) if options.replay else None
 
     # -- the engine's interface
 
@@ -244,10 +293,15 @@ class DataFreeTask(Task):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()}}
+        return {
+            "generator": {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()},
+            "replay": self.replay.state_dict() if self.replay is not None else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
+        if self.replay is not None and state.get("replay"):
+            self.replay.load_state_dict(state["replay"], self.device)
 
     # -- shared pieces
 
@@ -258,6 +312,25 @@ class DataFreeTask(Task):
     def student(self, ctx: StepContext, x01: torch.Tensor) -> torch.Tensor:
         with ctx.autocast():
             return ctx.net((x01 - self.mean) / self.std).float()
+
+    def learn(
+        self,
+        ctx: StepContext,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """One student update on images `x` and the teacher's `target`s for them, with a batch
+        of earlier ones from the replay buffer beside them (when there is one)."""
+        xs, ts = x, target
+        if self.replay is not None:
+            if len(self.replay):
+                xr, tr = self.replay.sample(len(x))
+                xs, ts = torch.cat([x, xr]), torch.cat([target, tr])
+            self.replay.add(x, target)
+        loss = loss_fn(self.student(ctx, xs), ts)
+        self.update_student(ctx, loss)
+        return loss
 
     def update_student(self, ctx: StepContext, loss: torch.Tensor) -> None:
         gate_loss = getattr(ctx.model, "gate_loss", None)  # gated students: their sparsity term
@@ -281,6 +354,9 @@ class DataFreeTask(Task):
 
 
 class DAFL(DataFreeTask):
+    def kd(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return soft_loss("kl", s, t, self.config.temperature)
+
     def iterate(self, z, ctx):
         loss = torch.zeros(())
         for i in range(self.options.student_steps):
@@ -292,9 +368,7 @@ class DAFL(DataFreeTask):
             activation = -features.abs().mean()
             g_loss = one_hot + 0.1 * activation + 5.0 * class_entropy_loss(t)
             self.update_generator(g_loss)
-            s = self.student(ctx, x.detach())
-            loss = soft_loss("kl", s, t.detach(), self.config.temperature)
-            self.update_student(ctx, loss)
+            loss = self.learn(ctx, x.detach(), t.detach(), self.kd)
         return loss, len(z) * self.options.student_steps
 
 
@@ -343,8 +417,7 @@ class DFAD(DataFreeTask):
             x = self.generator(z if i == 0 else self.fresh_z(z)).detach()
             with torch.no_grad():
                 t = self.access.logits(x)
-            loss = F.l1_loss(self.student(ctx, x), t)
-            self.update_student(ctx, loss)
+            loss = self.learn(ctx, x, t, F.l1_loss)
         for _ in range(self.options.generator_steps):
             x = self.generator(self.fresh_z(z))
             g_loss = -F.l1_loss(self.student(ctx, x), self.access.logits(x))
@@ -382,9 +455,7 @@ class DFME(DataFreeTask):
         loss = torch.zeros(())
         for i in range(o.student_steps):
             x = self.generator(z if i == 0 else self.fresh_z(z)).detach()
-            t = self.access.soft(x)
-            loss = F.l1_loss(self.student(ctx, x), t)
-            self.update_student(ctx, loss)
+            loss = self.learn(ctx, x, self.access.soft(x), F.l1_loss)
         return loss, len(z) * o.student_steps
 
 
@@ -441,8 +512,7 @@ class DFMS(DataFreeTask):
         loss = torch.zeros(())
         for i in range(self.options.student_steps):
             x = self.generator(z if i == 0 else self.fresh_z(z)).detach()
-            loss = F.cross_entropy(self.student(ctx, x), self.access.labels(x))
-            self.update_student(ctx, loss)
+            loss = self.learn(ctx, x, self.access.labels(x), F.cross_entropy)
         return loss, len(z) * self.options.student_steps
 
     def state_dict(self):
