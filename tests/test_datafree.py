@@ -251,9 +251,11 @@ def test_replay_buffer_keeps_the_last_images_and_round_trips():
     for start in (0, 3, 6):  # 9 images into 5 places: the last 5 (4..8) stay
         x = torch.arange(start, start + 3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2) / 10
         buffer.add(x, torch.arange(start, start + 3))
-    assert len(buffer) == 5 and sorted(buffer.targets.tolist()) == [4, 5, 6, 7, 8]
+    assert buffer.targets is not None and len(buffer) == 5
+    assert sorted(buffer.targets.tolist()) == [4, 5, 6, 7, 8]
     images, targets = buffer.sample(7)
     assert images.dtype == torch.float32 and torch.allclose(images[:, 0, 0, 0], targets.float() / 10, atol=1e-3)
     copy = ReplayBuffer(5)
     copy.load_state_dict(buffer.state_dict(), torch.device("cpu"))
+    assert copy.images is not None and buffer.images is not None
     assert torch.equal(copy.images, buffer.images) and copy.next == buffer.next and len(copy) == 5
