@@ -104,9 +104,18 @@ def run(
                 f"--method {settings.method} makes its own images: --transfer is for --method transfer",
                 "drop --transfer (dfms pre-trains on --proxy)",
             )
-        proxy_paths = list(proxy or []) or [str(p) for p in _stored_distill(resume).get("proxy") or []]
-        proxy_data = open_shards(proxy_paths, allow_incomplete=allow_incomplete) if proxy_paths else None
+        stored_proxy = [str(p) for p in _stored_distill(resume).get("proxy") or []]
+        proxy_data = (
+            open_shards(list(proxy or []) or stored_proxy, allow_incomplete=allow_incomplete)
+            if (proxy or stored_proxy)
+            else None
+        )
         settings_proxy = [str(p) for p in proxy_data.paths] if proxy_data is not None else []
+        if resume is not None and proxy and settings_proxy != stored_proxy:
+            raise UsageError(
+                f"--resume: the run was started with --proxy {' '.join(stored_proxy) or '(none)'}",
+                "resume with the run's own proxy set (or without --proxy), or start a new run with -o",
+            )
     else:
         paths = input_paths(inputs) or _stored_transfer(resume, stored_data)
         transfer = open_shards(require_inputs(paths, "transfer shards"), allow_incomplete=allow_incomplete)

@@ -17,10 +17,13 @@ black-box method never reads the victim's weights or gradients (it asks `fakecif
 budget / (epochs x queries per step), so the learning-rate schedule ends where the budget
 does.
 
-Resume is exact: the checkpoint's resume state holds the student, EMA, the generator (and the
-dfms discriminator), every optimizer, the position; the latent codes and every random draw of
-a step are a function of (seed, epoch, step); black-box answers replayed after a kill -9 come
-from the ledger's cache, free.
+Resume: the checkpoint's resume state holds the student, EMA, the generator (and the dfms
+discriminator), the replay buffer, every optimizer, the position; the latent codes and every
+random draw of a step are a function of (seed, epoch, step), so on CPU a resumed run is the
+same run (on CUDA, kernels are not made deterministic: close, not bit-equal). After a kill -9
+the steps since the last save are done again: their black-box answers come from the ledger's
+cache, free; white-box forwards cannot be cached and are charged again, so a budget-limited
+white-box run stops that much earlier.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .text import format_classes
+from .text import format_classes, format_size
 
 # Used when the teacher's input normalisation is unknown (remote and .onnx teachers give none):
 # the student's own input normalisation only, any fixed values work.
@@ -40,14 +43,14 @@ DEFAULT_MEAN, DEFAULT_STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
 def method_options(settings, method: str):
-    from .training.datafree import DataFreeOptions
+    from .training.datafree import STUDENT_STEPS, DataFreeOptions
 
     return DataFreeOptions(
         method=method,
         latent=settings.latent,
         generator_width=settings.generator_width,
         generator_lr=settings.generator_lr,
-        student_steps=settings.student_steps,
+        student_steps=settings.student_steps or STUDENT_STEPS[method],
         generator_steps=settings.generator_steps,
         directions=settings.directions,
         epsilon=settings.epsilon,
@@ -124,11 +127,18 @@ def distill_datafree(
         raise UsageError("--method dfms needs a proxy set to pre-train its generator", "give --proxy SHARDS")
     options = method_options(settings, method)
     cost = methods.queries_per_step(options, config.batch_size)
+    knobs = "--batch-size / --student-steps" + (" / --directions / --generator-steps" if method == "dfme" else "")
     if settings.queries is not None and settings.queries < cost:
         raise UsageError(
-            f"--queries {settings.queries:,} is spent before the first generator step: one step of {method} "
+            f"--queries {settings.queries:,} is spent before the first generator step: one iteration of {method} "
             f"asks {cost:,} images (batch {config.batch_size})",
-            "raise --queries, or lower --batch-size / --student-steps",
+            f"raise --queries, or lower {knobs}",
+        )
+    if settings.queries is not None and not resume and settings.queries < cost * config.epochs:
+        raise UsageError(
+            f"--queries {settings.queries:,} pays for {settings.queries // cost:,} iterations of {method} "
+            f"({cost:,} images each), fewer than --epochs {config.epochs}",
+            f"lower --epochs to {max(1, settings.queries // cost)} or less, or raise --queries",
         )
     state: dict[str, Any] = {}
     if resume:
@@ -140,9 +150,16 @@ def distill_datafree(
         api_key_env=settings.api_key_env,
         batch_size=settings.query_batch,
         fast=settings.fast_teacher,
+        device=config.device,  # a white-box teacher's gradients meet the generator's on one device
     )
     with teacher:
         check_method(method, teacher)
+        if proxy is not None and tuple(proxy.image_size) != tuple(teacher.input_size):
+            raise UsageError(
+                f"{proxy.paths[0]}: --proxy images are {format_size(proxy.image_size)}, the teacher "
+                f"takes {format_size(teacher.input_size)}",
+                f"resize them first: fakecifar resize --size {format_size(teacher.input_size)}",
+            )
         if tuple(teacher.input_size)[0] % 4 or tuple(teacher.input_size)[1] % 4:
             raise UsageError(
                 f"the generator makes images whose sides divide by 4; the teacher takes {teacher.input_size}"
@@ -172,8 +189,10 @@ def distill_datafree(
                 model = build_model(config.model, num_classes, **config.arch_kwargs)
                 generator = Generator(options.latent, options.generator_width, teacher.input_size)
                 stages = methods.STAGES if method == "zskt" else ()
-                access = methods.TeacherAccess(teacher, ledger, device, stages=stages)
-                val_loader = _val_loader(val, config, mean, std, device) if val is not None else None
+                access = methods.TeacherAccess(
+                    teacher, ledger, device, white_box=method in methods.WHITE_BOX, stages=stages
+                )
+                val_loader = _val_loader(val, mean, std, device) if val is not None else None
                 common = {"mean": mean, "std": std, "val": val_loader, "seed": config.seed}
                 if method == "dfms":
                     images = torch.from_numpy(proxy.read("images"))
@@ -267,7 +286,7 @@ def distill_datafree(
     return DistillResult(output, written_onnx, engine.history, stopped, summary, lines, None, metrics, probe)
 
 
-def _val_loader(val, config, mean, std, device):
+def _val_loader(val, mean, std, device):
     import numpy as np
 
     from .loader import BatchLoader

@@ -172,11 +172,11 @@ class DistillSettings:
         check=(lambda v: v > 0, "--generator-lr must be positive, got {v}"),
         panel=DATAFREE,
     )
-    student_steps: int = setting(
-        5,
+    student_steps: int | None = setting(
+        None,
         "--student-steps",
-        help="Student updates per iteration (DFAD, DFME: 5; ZSKT: 10).",
-        check=(lambda v: v >= 1, "--student-steps must be at least 1"),
+        help="Student updates per iteration. Default: the paper's (dafl 1, zskt 10, dfad, dfme and dfms 5).",
+        check=(lambda v: v is None or v >= 1, "--student-steps must be at least 1"),
         panel=DATAFREE,
     )
     generator_steps: int = setting(

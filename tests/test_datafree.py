@@ -259,3 +259,30 @@ def test_replay_buffer_keeps_the_last_images_and_round_trips():
     copy.load_state_dict(buffer.state_dict(), torch.device("cpu"))
     assert copy.images is not None and buffer.images is not None
     assert torch.equal(copy.images, buffer.images) and copy.next == buffer.next and len(copy) == 5
+
+
+def test_a_budget_too_small_for_the_epochs_and_a_proxy_of_another_size_are_refused(cli, models, tmp_path):
+    few = cli(
+        "distill",
+        "--teacher",
+        models.onnx,
+        "--method",
+        "dfme",
+        *TINY,
+        "--epochs",
+        "4",
+        "--queries",
+        "100",
+        "-o",
+        tmp_path / "f.pt",
+    )
+    assert few.exit_code == 2
+    one_error_line(few, "pays for 3 iterations", "lower --epochs to 3", command="distill", last=True)
+    big = tmp_path / "big"
+    with ShardWriter(big / "p.h5", classes=CLASSES, image_size=(SIZE * 2, SIZE * 2), producer="test") as w:
+        w.add_batch(random_images(4, (SIZE * 2, SIZE * 2), 1), np.full(4, -1))
+    describe_directory(big)
+    other = cli("distill", "--teacher", models.onnx, "--method", "dfms", "--proxy", big, *TINY, "-o", tmp_path / "o.pt")
+    assert other.exit_code == 2
+    one_error_line(other, "--proxy images are 32x32", "fakecifar resize --size 16x16", command="distill", last=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]  # nothing written: no ledger either

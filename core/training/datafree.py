@@ -46,8 +46,8 @@ from .stopping import StopTraining
 from .task import StepContext, StepOutput, Task
 
 WHITE_BOX = ("dafl", "zskt", "dfad")
-BLACK_BOX = ("dfme", "dfms")
-METHODS = WHITE_BOX + BLACK_BOX
+# Student updates per iteration when --student-steps is not given: the papers' own.
+STUDENT_STEPS = {"dafl": 1, "zskt": 10, "dfad": 5, "dfme": 5, "dfms": 5}
 LATENT_SALT = 0x7A  # the latent codes' draws are not the step's other draws
 
 
@@ -65,7 +65,7 @@ class DataFreeOptions:
     epsilon: float = 1e-3  # dfme: the forward-difference step
     attention: float = 250.0  # zskt: weight of attention transfer
     diversity: float = 1.0  # dfms: weight of the class-diversity loss
-    proxy_epochs: int = 0  # dfms: GAN pre-training epochs on the proxy set
+    proxy_epochs: int = 1  # dfms: GAN pre-training epochs on the proxy set
     replay: int = 0  # images of experience replay (0: off)
 
 
@@ -101,12 +101,13 @@ class TeacherAccess:
     layer and the outputs of its named stages), `soft(x)` (black-box: centred log-probabilities,
     no gradient), `labels(x)` (black-box: top-1)."""
 
-    def __init__(self, teacher: Any, ledger: Any, device: torch.device, stages: Sequence[str] = ()):
+    def __init__(self, teacher: Any, ledger: Any, device: torch.device, *, white_box: bool, stages: Sequence[str] = ()):
         from ..teachers import BudgetExhausted
 
         self.teacher, self.ledger, self.device = teacher, ledger, device
         self.exhausted = BudgetExhausted
-        self.module: nn.Module | None = teacher.module if teacher.white_box else None
+        # A black-box method gets no handle on the network, even of a .pt victim.
+        self.module: nn.Module | None = teacher.module if white_box else None
         self._captured: dict[str, torch.Tensor] = {}
         self.stage_names: list[str] = []
         if self.module is not None:
@@ -296,10 +297,12 @@ class DataFreeTask(Task):
         return {
             "generator": {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()},
             "replay": self.replay.state_dict() if self.replay is not None else None,
+            "generator_loss": [self.generator_loss_sum, self.generator_updates],  # this epoch's so far
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
+        self.generator_loss_sum, self.generator_updates = state.get("generator_loss", [0.0, 0])
         if self.replay is not None and state.get("replay"):
             self.replay.load_state_dict(state["replay"], self.device)
 
@@ -442,10 +445,15 @@ class DFME(DataFreeTask):
                 [xd.unsqueeze(1), (xd.flatten(1).unsqueeze(1) + o.epsilon * u).view(n, -1, *xd.shape[1:])], 1
             )
             flat = points.view(n * (o.directions + 1), *xd.shape[1:]).clamp(0, 1)
+            t = self.access.soft(flat)
+            # The differences are ~1e-4: in fp32 (bf16 would round them away) and in eval mode
+            # (BatchNorm statistics and a gated student's random gates would swamp them).
+            was_training = ctx.model.training
+            ctx.model.eval()
             with torch.no_grad():
-                t = self.access.soft(flat)
-                s = self.student(ctx, flat)
-                per_point = (s - t).abs().mean(1).view(n, o.directions + 1)
+                s = ctx.model((flat - self.mean) / self.std).float()
+            ctx.model.train(was_training)
+            per_point = (s - t).abs().mean(1).view(n, o.directions + 1)
             diff = (per_point[:, 1:] - per_point[:, :1]) / o.epsilon  # (n, m)
             grad = (dim / o.directions) * (diff.unsqueeze(2) * u).sum(1).view_as(xd)
             self.generator_opt.zero_grad(set_to_none=True)
@@ -505,6 +513,7 @@ class DFMS(DataFreeTask):
             if on_step:
                 on_step(i)
         self.pretrained = True
+        self.generator_loss_sum, self.generator_updates = 0.0, 0  # epoch 1 reports the stealing only
 
     def iterate(self, z, ctx):
         for _ in range(self.options.generator_steps):
@@ -525,7 +534,7 @@ class DFMS(DataFreeTask):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.discriminator.load_state_dict(state["discriminator"])
-        self.pretrained = bool(state.get("pretrained", False))
+        self.pretrained = bool(state.get("pretrained", True))  # a saved run is past its pre-training
 
 
 TASKS: dict[str, type[DataFreeTask]] = {"dafl": DAFL, "zskt": ZSKT, "dfad": DFAD, "dfme": DFME, "dfms": DFMS}
