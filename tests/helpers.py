@@ -5,6 +5,7 @@ here: nothing imports conftest."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -83,3 +84,50 @@ def write_image(path: Path, array: np.ndarray, fmt: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format=fmt)
     return path
+
+
+# A `fakecifar ARGS` whose training loop blocks in the step at (epoch, step) -- in the call of
+# MODULE.step_generator that draws it -- after writing MARK on stderr, until SIGTERM has set the
+# loop's stop flag (or a SIGKILL ends it): the signal lands mid-epoch on every run, however slow
+# or fast the machine.
+_UNTIL_SIGNALLED = """
+import importlib, signal, sys, time
+module = importlib.import_module(sys.argv[1])
+at = (int(sys.argv[2]), int(sys.argv[3]))
+from fakecifar.cli.app import main
+
+real = module.step_generator
+
+def hooked(seed, epoch, step, *args, **kwargs):
+    if (epoch, step) == at:
+        print("MARK", file=sys.stderr, flush=True)
+        flag = signal.getsignal(signal.SIGTERM).__self__  # the training loop's StopFlag
+        deadline = time.monotonic() + 120
+        while not flag.set and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real(seed, epoch, step, *args, **kwargs)
+
+module.step_generator = hooked
+main(sys.argv[4:])
+"""
+
+
+def signalled_run(module: str, at: tuple[int, int], args: list, sig: int) -> subprocess.CompletedProcess:
+    """Run `fakecifar ARGS` (see _UNTIL_SIGNALLED), send `sig` once it is blocked at `at`, and
+    return its exit code, stdout and whole stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _UNTIL_SIGNALLED, module, str(at[0]), str(at[1]), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.strip() == "MARK":
+            break
+    proc.send_signal(sig)
+    out, rest = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, out, "".join(lines) + rest)

@@ -5,11 +5,8 @@ exact resume, and every bad input of the issue."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ from fakecifar.checkpoint import _torch_load, load_checkpoint
 from fakecifar.manifest import describe_directory
 from fakecifar.shards import ShardWriter
 
-from helpers import one_error_line, random_images
+from helpers import one_error_line, random_images, signalled_run
 
 # Toy scale: 2 iterations per epoch of batch 8, a tiny generator.
 TINY = ["--batch-size", "8", "--latent", "16", "--generator-width", "8", "--student-steps", "2"]
@@ -110,55 +107,13 @@ def test_a_budget_sizes_the_run_and_is_never_exceeded(cli, models, tmp_path):
     assert "of 100" in result.stderr
 
 
-# A `fakecifar distill` that blocks before iteration 2 of epoch 2 until it is signalled, after
-# writing MARK on stderr: the signal lands mid-epoch on every run, however slow the machine.
-_DISTILL_UNTIL_SIGNALLED = """
-import signal, sys, time
-import fakecifar.training.datafree as df
-from fakecifar.cli.app import main
-
-real = df.step_generator
-
-def hooked(seed, epoch, step):
-    if (epoch, step) == (1, 1):
-        print("MARK", file=sys.stderr, flush=True)
-        flag = signal.getsignal(signal.SIGTERM).__self__  # the training loop's StopFlag
-        deadline = time.monotonic() + 120
-        while not flag.set and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return real(seed, epoch, step)
-
-df.step_generator = hooked
-main(sys.argv[1:])
-"""
-
-
-def _interrupted(args: list[str], sig: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _DISTILL_UNTIL_SIGNALLED, *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.stderr is not None
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if line.strip() == "MARK":
-            break
-    proc.send_signal(sig)
-    out, rest = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(args, proc.returncode, out, "".join(lines) + rest)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_resume_after_sigterm_or_kill_9_is_exact_and_pays_nothing_twice(cli, models, tmp_path, sig):
     args = ["distill", "--teacher", models.onnx, "--method", "dfme", "--student", "lenet5", *TINY]
     args += ["--epochs", "2", "--schedule", "constant", "--replay", "12"]  # the replay buffer resumes too
     straight, cut = tmp_path / "straight.pt", tmp_path / "cut.pt"
     assert cli(*args, "-o", straight).exit_code == 0
-    stopped = _interrupted([*args, "-o", cut], sig)
+    stopped = signalled_run("fakecifar.training.datafree", (1, 1), [*args, "-o", cut], sig)
     assert stopped.returncode == (143 if sig == signal.SIGTERM else -9), stopped.stderr
     resumed = cli("distill", "--resume", cut)
     assert resumed.exit_code == 0, resumed.stderr

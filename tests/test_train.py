@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import CLASSES3, cli_in_fresh_process, random_images
+from helpers import CLASSES3, cli_in_fresh_process, random_images, signalled_run
 from helpers import one_error_line as _one_error_line
 
 one_error_line = functools.partial(_one_error_line, command="train", last=True)
@@ -646,53 +646,17 @@ def test_injected_enospc_is_one_line_and_keeps_earlier_files(cli, data, tmp_path
     assert len(lines) == (0 if where == "log" else 1) and all(json.loads(line) for line in lines)
 
 
-# A `fakecifar train` that blocks in epoch 2 before step 3 until SIGTERM arrives, after writing
-# MARK on stderr: the signal lands mid-epoch on every run, however slow or fast the machine.
-_TRAIN_UNTIL_SIGTERM = """
-import signal, sys, time
-import fakecifar.training.sources as tr
-from fakecifar.cli.app import main
-
-real = tr.step_generator
-
-def hooked(seed, epoch, step):
-    if (epoch, step) == (1, 2):
-        print("MARK", file=sys.stderr, flush=True)
-        flag = signal.getsignal(signal.SIGTERM).__self__  # the training loop's _StopFlag
-        deadline = time.monotonic() + 120
-        while not flag.set and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return real(seed, epoch, step)
-
-tr.step_generator = hooked
-main(sys.argv[1:])
-"""
-
-
 def test_sigterm_saves_mid_epoch_and_the_resumed_epoch_logs_the_whole_epoch(cli, data, tmp_path):
     args = [data, *FAST, "--batch-size", "4", "--epochs", "2", "--seed", "1"]  # 6 steps per epoch
     straight, straight_log = tmp_path / "straight.pt", tmp_path / "straight.jsonl"
     assert cli("train", *args, "-o", straight, "--log", straight_log).exit_code == 0
 
     out, log_file = tmp_path / "m.pt", tmp_path / "m.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _TRAIN_UNTIL_SIGTERM, "train", *map(str, args), "-o", str(out), "--log", str(log_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    run = signalled_run(
+        "fakecifar.training.sources", (1, 2), ["train", *args, "-o", out, "--log", log_file], signal.SIGTERM
     )
-    lines = []
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        lines.append(line)
-        if line.strip() == "MARK":
-            break
-    proc.send_signal(signal.SIGTERM)
-    stdout, rest = proc.communicate(timeout=120)
-    stderr = "".join(lines) + rest
-    assert proc.returncode == 143, stderr
+    stdout, stderr = run.stdout, run.stderr
+    assert run.returncode == 143, stderr
     last = stderr.strip().splitlines()[-1]
     assert last == (
         f"fakecifar train: error: terminated (SIGTERM) in epoch 2/2 after step 3/6; state saved to {out} "
