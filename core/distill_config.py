@@ -265,9 +265,13 @@ def make_settings(base: dict[str, Any] | None = None, **values: Any) -> DistillS
         raise UsageError(f"unknown distill option(s) {', '.join(unknown)}")
     merged = {k: v for k, v in (base or {}).items() if k in names}
     if base:
-        changed = [k for k in METHOD_SETTINGS if values.get(k) is not None and k in base and values[k] != base[k]]
+        given = {k: v for k, v in values.items() if v is not None}
+        if given.get("mode") is not None:
+            given["mode"] = _normalize_mode(given["mode"])
+        fixed = (*METHOD_SETTINGS, "mode", "fast_teacher")  # another value of these is another run
+        changed = [k for k in fixed if k in given and k in base and given[k] != base[k]]
         if changed:
-            flags = ", ".join(f"--{k.replace('_', '-')} {base[k]} (not {values[k]})" for k in changed)
+            flags = ", ".join(f"--{k.replace('_', '-')} {base[k]} (not {given[k]})" for k in changed)
             raise UsageError(
                 f"--resume: the run was started with {flags}",
                 "resume with the run's own options, or start a new run with -o",

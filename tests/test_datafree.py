@@ -131,7 +131,12 @@ def test_resume_with_other_method_options_is_refused(cli, models, tmp_path):
     changed = cli("distill", "--resume", out, "--epochs", "2", "--directions", "4")
     assert changed.exit_code == 2
     one_error_line(changed, "--directions 1 (not 4)", command="distill")
+    other_mode = cli("distill", "--resume", out, "--epochs", "2", "--mode", "probs:2")
+    assert other_mode.exit_code == 2
+    one_error_line(other_mode, "--mode logits (not probs:2)", command="distill")
     assert out.read_bytes() == before
+    same_mode = cli("distill", "--resume", out, "--epochs", "2", "--mode", "logits", "--queries", "1000")
+    assert same_mode.exit_code == 0, same_mode.stderr
 
 
 def test_white_box_method_with_a_black_box_teacher_is_refused(cli, models, real_serve, tmp_path):
