@@ -104,18 +104,9 @@ def run(
                 f"--method {settings.method} makes its own images: --transfer is for --method transfer",
                 "drop --transfer (dfms pre-trains on --proxy)",
             )
-        stored_proxy = [str(p) for p in _stored_distill(resume).get("proxy") or []]
-        proxy_data = (
-            open_shards(list(proxy or []) or stored_proxy, allow_incomplete=allow_incomplete)
-            if (proxy or stored_proxy)
-            else None
-        )
-        settings_proxy = [str(p) for p in proxy_data.paths] if proxy_data is not None else []
-        if resume is not None and proxy and settings_proxy != stored_proxy:
-            raise UsageError(
-                f"--resume: the run was started with --proxy {' '.join(stored_proxy) or '(none)'}",
-                "resume with the run's own proxy set (or without --proxy), or start a new run with -o",
-            )
+        from fakecifar.datafree import open_proxy
+
+        proxy_data = open_proxy(proxy, stored=_stored_distill(resume).get("proxy"), allow_incomplete=allow_incomplete)
     else:
         paths = input_paths(inputs) or _stored_transfer(resume, stored_data)
         transfer = open_shards(require_inputs(paths, "transfer shards"), allow_incomplete=allow_incomplete)
@@ -151,9 +142,7 @@ def run(
         if datafree:
             from fakecifar.datafree import distill_datafree
 
-            result = distill_datafree(
-                output, config, settings, proxy=proxy_data, proxy_paths=settings_proxy, on_step=bar.advance, **common
-            )
+            result = distill_datafree(output, config, settings, proxy=proxy_data, on_step=bar.advance, **common)
         else:
             result = distill(transfer, output, config, settings, on_step=bar.advance, **common)
     if result.stopped == "budget":

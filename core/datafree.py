@@ -43,22 +43,31 @@ DEFAULT_MEAN, DEFAULT_STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
 def method_options(settings, method: str):
+    """The method's knobs from the distill settings of the same names (fakecifar.distill_config)."""
+    from dataclasses import fields
+
     from .training.datafree import STUDENT_STEPS, DataFreeOptions
 
-    return DataFreeOptions(
-        method=method,
-        latent=settings.latent,
-        generator_width=settings.generator_width,
-        generator_lr=settings.generator_lr,
-        student_steps=settings.student_steps or STUDENT_STEPS[method],
-        generator_steps=settings.generator_steps,
-        directions=settings.directions,
-        epsilon=settings.epsilon,
-        attention=settings.attention,
-        diversity=settings.diversity,
-        proxy_epochs=settings.proxy_epochs,
-        replay=settings.replay,
-    )
+    values = {f.name: getattr(settings, f.name) for f in fields(DataFreeOptions) if f.name != "method"}
+    values["student_steps"] = settings.student_steps or STUDENT_STEPS[method]
+    return DataFreeOptions(method=method, **values)
+
+
+def open_proxy(given, *, stored=None, allow_incomplete: bool = False):
+    """The proxy shards of a dfms run: those `given`, or on resume the ones the run `stored`
+    (another set on resume is another run: refused). None: no proxy."""
+    from .shards import open_shards
+
+    stored = [str(p) for p in stored or []]
+    if not given and not stored:
+        return None
+    proxy = open_shards(list(given or []) or stored, allow_incomplete=allow_incomplete)
+    if given and stored and [str(p) for p in proxy.paths] != stored:
+        raise UsageError(
+            f"--resume: the run was started with --proxy {' '.join(stored)}",
+            "resume with the run's own proxy set (or without --proxy), or start a new run with -o",
+        )
+    return proxy
 
 
 def check_method(method: str, teacher) -> None:
@@ -85,7 +94,6 @@ def distill_datafree(
     *,
     val=None,
     proxy=None,
-    proxy_paths: list[str] | None = None,
     resume: str | os.PathLike | None = None,
     onnx: bool = False,
     overwrite: bool = False,
@@ -222,7 +230,7 @@ def distill_datafree(
                     "teacher_describe": teacher.describe(),
                     "generator": generator.options(),
                     "queries_per_step": cost,
-                    "proxy": list(proxy_paths or ([str(p) for p in proxy.paths] if proxy is not None else [])),
+                    "proxy": [str(p) for p in proxy.paths] if proxy is not None else [],
                 }
                 info = {
                     "data": [],

@@ -246,3 +246,21 @@ def test_a_budget_too_small_for_the_epochs_and_a_proxy_of_another_size_are_refus
     assert other.exit_code == 2
     one_error_line(other, "--proxy images are 32x32", "fakecifar resize --size 16x16", command="distill", last=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]  # nothing written: no ledger either
+
+
+def test_resume_with_another_proxy_set_is_refused(cli, models, proxy, tmp_path):
+    out = tmp_path / "p.pt"
+    assert (
+        cli("distill", "--teacher", models.onnx, "--method", "dfms", "--proxy", proxy, *TINY, "-o", out).exit_code == 0
+    )
+    other = tmp_path / "other"
+    with ShardWriter(other / "p.h5", classes=CLASSES, image_size=(SIZE, SIZE), producer="test") as w:
+        w.add_batch(random_images(8, (SIZE, SIZE), 9), np.full(8, -1))
+    describe_directory(other)
+    before = out.read_bytes()
+    result = cli("distill", "--resume", out, "--epochs", "2", "--proxy", other)
+    assert result.exit_code == 2
+    one_error_line(result, "the run was started with --proxy", str(proxy), command="distill")
+    assert out.read_bytes() == before
+    again = cli("distill", "--resume", out, "--epochs", "2")  # the stored proxy set is used
+    assert again.exit_code == 0, again.stderr
