@@ -108,24 +108,19 @@ def distill_datafree(
 
     from .distill import DistillResult, _agreement
     from .generator import Discriminator, Generator
-    from .ledger import QueryLedger, ledger_path
+    from .ledger import run_ledger
     from .models import build_model
     from .teachers import open_teacher
     from .train import _load_resume, check_outputs, dist_from_env
     from .training import datafree as methods
     from .training.callbacks import Checkpoint, Hooks, JsonlLog, ResumeValues, SaveBest
     from .training.loop import Engine
-    from .training.runtime import autocast_dtype, finish_processes, start_processes
+    from .training.runtime import autocast_dtype, finish_processes, process_device, rank_seed, start_processes
     from .training.schedules import schedule_of
 
     say = on_message or (lambda _: None)
     method = settings.method
     dist = dist_from_env()
-    if dist.enabled:
-        raise UsageError(
-            f"--method {method} runs in one process for now (the query ledger is one process's)",
-            "run it without torchrun (--device cuda uses one GPU)",
-        )
     output = Path(output)
     log_path = Path(log_path) if log_path else None
     check_outputs(output, config, resume=resume, onnx=onnx, overwrite=overwrite, log_path=log_path, dist=dist)
@@ -134,7 +129,9 @@ def distill_datafree(
     if method == "dfms" and proxy is None:
         raise UsageError("--method dfms needs a proxy set to pre-train its generator", "give --proxy SHARDS")
     options = method_options(settings, method)
-    cost = methods.queries_per_step(options, config.batch_size)
+    # --batch-size is the whole step's, as in train: each process makes its share of the images.
+    per_rank = max(1, config.batch_size // dist.world_size)
+    cost = methods.queries_per_step(options, per_rank) * dist.world_size
     knobs = "--batch-size / --student-steps" + (" / --directions / --generator-steps" if method == "dfme" else "")
     if settings.queries is not None and settings.queries < cost:
         raise UsageError(
@@ -158,7 +155,8 @@ def distill_datafree(
         api_key_env=settings.api_key_env,
         batch_size=settings.query_batch,
         fast=settings.fast_teacher,
-        device=config.device,  # a white-box teacher's gradients meet the generator's on one device
+        # A white-box teacher's gradients meet the generator's on one device: this process's.
+        device=str(process_device(config.device, dist)),
     )
     with teacher:
         check_method(method, teacher)
@@ -182,7 +180,8 @@ def distill_datafree(
         teacher_meta = clf.meta if clf is not None else {}
         mean = list(teacher_meta.get("mean") or DEFAULT_MEAN)
         std = list(teacher_meta.get("std") or DEFAULT_STD)
-        with QueryLedger(ledger_path(output), budget=settings.queries, teacher=teacher, cache=settings.cache) as ledger:
+        # Rank 0 keeps the one ledger and asks the teacher for every process (TeacherAccess).
+        with run_ledger(output, teacher, budget=settings.queries, cache=settings.cache, main=dist.main) as ledger:
             if settings.queries is not None:
                 steps = max(1, math.floor(settings.queries / (cost * config.epochs)))
             else:
@@ -198,9 +197,9 @@ def distill_datafree(
                 generator = Generator(options.latent, options.generator_width, teacher.input_size)
                 stages = methods.STAGES if method == "zskt" else ()
                 access = methods.TeacherAccess(
-                    teacher, ledger, device, white_box=method in methods.WHITE_BOX, stages=stages
+                    teacher, ledger, device, white_box=method in methods.WHITE_BOX, stages=stages, dist=dist
                 )
-                val_loader = _val_loader(val, mean, std, device) if val is not None else None
+                val_loader = _val_loader(val, mean, std, device, dist) if val is not None else None
                 common = {"mean": mean, "std": std, "val": val_loader, "seed": config.seed}
                 if method == "dfms":
                     images = torch.from_numpy(proxy.read("images"))
@@ -235,8 +234,9 @@ def distill_datafree(
                 info = {
                     "data": [],
                     "val": [str(p) for p in val.paths] if val is not None else None,
-                    "images": steps * options.student_steps * config.batch_size,
+                    "images": steps * options.student_steps * per_rank * dist.world_size,
                     "device": str(device),
+                    "world_size": dist.world_size,
                     "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
                     "selection": "final checkpoint (--val is reported, never selected on)",
                     "target": "class",
@@ -245,7 +245,7 @@ def distill_datafree(
                 engine = Engine(
                     model,
                     task,
-                    methods.latent_batches(steps, config.batch_size, options.latent, config.seed, device),
+                    methods.latent_batches(steps, per_rank, options.latent, rank_seed(config.seed, dist), device),
                     epochs=config.epochs,
                     schedule=schedule_of(config, steps),
                     device=device,
@@ -257,7 +257,11 @@ def distill_datafree(
                         Checkpoint(
                             output,
                             meta=meta,
-                            info=lambda: {**info, "distill": distill_meta, "queries": ledger.summary()},
+                            info=lambda: {
+                                **info,
+                                "distill": distill_meta,
+                                "queries": ledger.summary() if ledger else {},
+                            },
                             args=config.to_dict,
                             build=lambda: build_model(config.model, num_classes, **config.arch_kwargs),
                             best=SaveBest(enabled=False),
@@ -271,14 +275,16 @@ def distill_datafree(
                     command="fakecifar distill",
                 )
                 if method == "dfms" and not task.pretrained:  # type: ignore[attr-defined]
-                    gan_steps = methods.proxy_steps(options, len(proxy), config.batch_size)
+                    gan_steps = methods.proxy_steps(options, len(proxy), per_rank * dist.world_size)
                     say(
                         f"pre-training the generator on {len(proxy):,} proxy images ({gan_steps:,} GAN steps, no query)"
                     )
-                    task.pretrain(gan_steps, config.batch_size, options.latent)  # type: ignore[attr-defined]
+                    task.pretrain(gan_steps, per_rank, options.latent)  # type: ignore[attr-defined]
                 stopped = engine.run()
             finally:
                 finish_processes(dist)
+            if ledger is None:  # another torchrun process: rank 0 reports
+                return DistillResult(None, None, engine.history, stopped, {}, [], None, {}, None)
             written_onnx = None
             if onnx:
                 from .checkpoint import export_onnx, load_checkpoint
@@ -294,7 +300,7 @@ def distill_datafree(
     return DistillResult(output, written_onnx, engine.history, stopped, summary, lines, None, metrics, probe)
 
 
-def _val_loader(val, mean, std, device):
+def _val_loader(val, mean, std, device, dist):
     import numpy as np
 
     from .loader import BatchLoader
@@ -308,5 +314,5 @@ def _val_loader(val, mean, std, device):
         std=std,
         device=device,
         columns=("labels",),
-        indices=np.nonzero(labels >= 0)[0],
+        indices=np.nonzero(labels >= 0)[0][dist.rank :: dist.world_size],  # each process its slice
     )

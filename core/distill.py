@@ -31,7 +31,6 @@ teacher's term; `1 - alpha` goes to the transfer set's own labels (where it has 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -239,7 +238,7 @@ def distill(
     on_label: Callable[[int], None] | None = None,
 ) -> DistillResult:
     """Distill `settings.teacher` into a student `config.model` on `transfer`; see the module doc."""
-    from .ledger import QueryLedger, ledger_path
+    from .ledger import run_ledger
     from .shards import open_shards
     from .teachers import open_teacher
     from .train import check_outputs, dist_from_env, train
@@ -295,14 +294,7 @@ def distill(
             from .training.runtime import start_processes
 
             start_processes(config.device, dist)
-        ledger = (
-            QueryLedger(ledger_path(output), budget=settings.queries, teacher=teacher, cache=settings.cache)
-            if dist.main
-            else None
-        )
-        with contextlib.ExitStack() as stack:
-            if ledger is not None:
-                stack.enter_context(ledger)
+        with run_ledger(output, teacher, budget=settings.queries, cache=settings.cache, main=dist.main) as ledger:
             train_config = _student_config(config, loss, settings)
             labelled = None
             if settings.online:

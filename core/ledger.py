@@ -69,6 +69,7 @@ looked up before or after the call (the answers are still stored, repeats still 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -76,7 +77,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,19 @@ class LedgerMismatchError(UsageError):
 def ledger_path(checkpoint: str | os.PathLike[str]) -> Path:
     """Where the ledger of a student checkpoint lives: `student.pt` -> `student.pt.queries`."""
     return Path(os.fspath(checkpoint) + SUFFIX)
+
+
+@contextlib.contextmanager
+def run_ledger(
+    checkpoint: str | os.PathLike[str], teacher: Teacher, *, budget: int | None, cache: bool, main: bool = True
+) -> Iterator[QueryLedger | None]:
+    """The ledger of the run writing `checkpoint`, open on the process that keeps it (`main`:
+    rank 0 under torchrun, which asks the teacher for every process); None on the others."""
+    if not main:
+        yield None
+        return
+    with QueryLedger(ledger_path(checkpoint), budget=budget, teacher=teacher, cache=cache) as ledger:
+        yield ledger
 
 
 def choose_subset(n_available: int, budget: int | None, seed: int) -> np.ndarray:

@@ -264,3 +264,35 @@ def test_resume_with_another_proxy_set_is_refused(cli, models, proxy, tmp_path):
     assert out.read_bytes() == before
     again = cli("distill", "--resume", out, "--epochs", "2")  # the stored proxy set is used
     assert again.exit_code == 0, again.stderr
+
+
+@pytest.mark.parametrize("method", ["dafl", "dfme"])
+def test_under_torchrun_rank_0_meters_every_process_and_one_student_is_written(models, tmp_path, method):
+    """Two processes on gloo: white-box (each runs its teacher, rank 0 charges both) and
+    black-box (rank 0 asks for both processes' images in one call, replay shared): the ledger
+    counts exactly what a single process would pay for the same --batch-size."""
+    import os
+    import subprocess
+    import sys
+
+    out, val = tmp_path / f"ddp-{method}.pt", tmp_path / "val"
+    val.mkdir()
+    with ShardWriter(val / "v.h5", classes=CLASSES, image_size=(SIZE, SIZE), producer="test") as w:
+        w.add_batch(random_images(10, (SIZE, SIZE), 6), np.arange(10) % len(CLASSES))
+    describe_directory(val)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    extra = ["--replay", "32"] if method == "dfme" else []
+    proc = subprocess.run(
+        [*torchrun, "-m", "fakecifar", "distill", "--teacher", str(teacher_for(method, models))]
+        + ["--method", method, "--student", "lenet5", *TINY, *extra, "--val", str(val), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(out)]  # one process speaks
+    meta = load_checkpoint(out)[1]["train"]
+    assert meta["world_size"] == 2
+    assert meta["queries"]["queries"] == 2 * PER_STEP[method]
+    assert proc.stderr.count("val_acc") == 1  # the epoch line once, over both processes' val slices

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..augment import step_generator
 from .classification import soft_loss
+from .runtime import Dist, average_gradients, broadcast_main, gather_all, rank_seed
 from .sources import GeneratedBatches
 from .stopping import StopTraining
 from .task import StepContext, StepOutput, Task
@@ -101,10 +102,20 @@ class TeacherAccess:
     layer and the outputs of its named stages), `soft(x)` (black-box: centred log-probabilities,
     no gradient), `labels(x)` (black-box: top-1)."""
 
-    def __init__(self, teacher: Any, ledger: Any, device: torch.device, *, white_box: bool, stages: Sequence[str] = ()):
+    def __init__(
+        self,
+        teacher: Any,
+        ledger: Any,
+        device: torch.device,
+        *,
+        white_box: bool,
+        stages: Sequence[str] = (),
+        dist: Dist | None = None,
+    ):
         from ..teachers import BudgetExhausted
 
         self.teacher, self.ledger, self.device = teacher, ledger, device
+        self.dist = dist or Dist()
         self.exhausted = BudgetExhausted
         # A black-box method gets no handle on the network, even of a .pt victim.
         self.module: nn.Module | None = teacher.module if white_box else None
@@ -124,9 +135,19 @@ class TeacherAccess:
                     self.stage_names.append(name)
                     sub.register_forward_hook(lambda _m, _i, out, key=name: self._captured.__setitem__(key, out))
 
+    @property
+    def spent(self) -> int:
+        """Queries the ledger has counted (rank 0 keeps it; 0 on the other ranks)."""
+        return int(self.ledger.spent) if self.ledger is not None else 0
+
     def affordable(self, n: int) -> bool:
-        left = self.ledger.remaining
-        return left is None or left >= n
+        """Whether the budget pays for `n` more images on each process (all decide together)."""
+        if self.ledger is not None:
+            left = self.ledger.remaining
+            ok = left is None or left >= n * self.dist.world_size
+        else:
+            ok = False
+        return bool(broadcast_main(torch.tensor([float(ok)], device=self.device), self.dist).item())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(x)[1]
@@ -139,26 +160,55 @@ class TeacherAccess:
         return dict(self._captured), out.float()
 
     def soft(self, x: torch.Tensor) -> torch.Tensor:
-        answers = self._ask(x)
-        if answers.log_probs is None:
-            raise ValueError("the teacher answers labels only")
-        lp = torch.from_numpy(answers.log_probs).to(self.device).float()
-        return lp - lp.mean(1, keepdim=True)  # logits up to a constant per image: recentred
+        log_probs, _ = self._ask(x, soft=True)
+        return log_probs - log_probs.mean(1, keepdim=True)  # logits up to a constant per image: recentred
 
     def labels(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._ask(x).labels.astype("int64")).to(self.device)
+        return self._ask(x, soft=False)[1]
 
     def _charge(self, n: int) -> None:
-        try:
-            self.ledger.charge(self.teacher, n)
-        except self.exhausted as exc:
-            raise StopTraining("budget", str(exc)) from exc
+        """Charge `n` white-box forwards of each process: rank 0 charges them all, for every
+        process (each runs its own copy of the teacher in lockstep)."""
+        self._on_main(lambda: self.ledger.charge(self.teacher, n * self.dist.world_size))
 
-    def _ask(self, x: torch.Tensor):
-        try:
-            return self.ledger.ask(self.teacher, x.detach().float().clamp(0, 1).cpu().contiguous().numpy())
-        except self.exhausted as exc:
-            raise StopTraining("budget", str(exc)) from exc
+    def _ask(self, x: torch.Tensor, *, soft: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probabilities or an empty tensor, top-1 labels) of the teacher on `x`. Under
+        torchrun rank 0 asks about every process's images in one metered call and hands each
+        its rows: one ledger, one count, whatever the number of processes."""
+        images = gather_all(x.detach().float().clamp(0, 1).contiguous(), self.dist)
+        n, classes = len(x), self.teacher.num_classes
+        log_probs = torch.zeros(len(images), classes if soft else 0, device=self.device)
+        labels = torch.zeros(len(images), dtype=torch.int64, device=self.device)
+
+        def ask() -> None:
+            answers = self.ledger.ask(self.teacher, images.cpu().numpy())
+            if soft:
+                if answers.log_probs is None:
+                    raise ValueError("the teacher answers labels only")
+                log_probs.copy_(torch.from_numpy(answers.log_probs).float())
+            labels.copy_(torch.from_numpy(answers.labels.astype("int64")))
+
+        self._on_main(ask)
+        rows = slice(self.dist.rank * n, (self.dist.rank + 1) * n)
+        return broadcast_main(log_probs, self.dist)[rows], broadcast_main(labels, self.dist)[rows]
+
+    def _on_main(self, call: Callable[[], None]) -> None:
+        """Run `call` (a ledger operation) on rank 0 and tell every process how it went: a spent
+        budget stops every process alike (StopTraining "budget"); a failure on rank 0 stops the
+        others too, instead of leaving them waiting for an answer."""
+        status, error = 0, None
+        if self.dist.main:
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 -- re-raised below, once the others know
+                status, error = (1 if isinstance(exc, self.exhausted) else 2), exc
+        status = int(broadcast_main(torch.tensor([float(status)], device=self.device), self.dist).item())
+        if status == 1:
+            raise StopTraining("budget", str(error) if error else "the query budget is spent (see the ledger)")
+        if status == 2:
+            if error is not None:
+                raise error
+            raise RuntimeError("rank 0 failed to ask the teacher (its error is above)")
 
 
 def attention_map(feature: torch.Tensor) -> torch.Tensor:
@@ -239,8 +289,9 @@ class DataFreeTask(Task):
         seed: int = 0,
     ):
         self.config, self.options, self.access, self.generator = config, options, access, generator
-        self.mean_list, self.std_list, self.val, self.seed = list(mean), list(std), val, seed
-        self.cost = queries_per_step(options, config.batch_size)
+        self.mean_list, self.std_list, self.val = list(mean), list(std), val
+        self.dist = access.dist
+        self.seed = rank_seed(seed, self.dist)  # each process its own draws
         self.generator_loss_sum, self.generator_updates = 0.0, 0
         self.replay = ReplayBuffer(options.replay) if options.replay else None
 
@@ -265,9 +316,11 @@ class DataFreeTask(Task):
         return [self.student_opt, self.generator_opt]
 
     def step(self, batch: torch.Tensor, ctx: StepContext) -> StepOutput:
-        if not self.access.affordable(self.cost):
+        cost = queries_per_step(self.options, len(batch))  # this process's; every process asks as much
+        if not self.access.affordable(cost):
+            total = cost * self.dist.world_size
             raise StopTraining(
-                "budget", f"the query budget cannot pay for another step ({self.cost:,} queries: see the ledger)"
+                "budget", f"the query budget cannot pay for another step ({total:,} queries: see the ledger)"
             )
         torch.manual_seed(step_generator(self.seed, ctx.epoch, ctx.step).initial_seed())
         self.generator.train()
@@ -282,7 +335,7 @@ class DataFreeTask(Task):
     def evaluate(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         out = {
             "generator_loss": self.generator_loss_sum / max(self.generator_updates, 1),
-            "queries": float(self.access.ledger.spent),  # so far: the x axis of accuracy-vs-queries
+            "queries": float(self.access.spent),  # so far: the x axis of accuracy-vs-queries
         }
         self.generator_loss_sum, self.generator_updates = 0.0, 0
         if self.val is not None:
@@ -330,7 +383,9 @@ class DataFreeTask(Task):
             if len(self.replay):
                 xr, tr = self.replay.sample(len(x))
                 xs, ts = torch.cat([x, xr]), torch.cat([target, tr])
-            self.replay.add(x, target)
+            # Every process keeps the same buffer (all processes' images), so the one rank 0
+            # saves is every process's on resume.
+            self.replay.add(gather_all(x.detach(), self.dist), gather_all(target.detach(), self.dist))
         loss = loss_fn(self.student(ctx, xs), ts)
         self.update_student(ctx, loss)
         return loss
@@ -344,6 +399,7 @@ class DataFreeTask(Task):
     def update_generator(self, loss: torch.Tensor) -> None:
         self.generator_opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.generator, self.dist)
         self.generator_opt.step()
         self.note_generator(loss)
 
@@ -458,6 +514,7 @@ class DFME(DataFreeTask):
             grad = (dim / o.directions) * (diff.unsqueeze(2) * u).sum(1).view_as(xd)
             self.generator_opt.zero_grad(set_to_none=True)
             x.backward(-grad / n)  # ascend the disagreement
+            average_gradients(self.generator, self.dist)
             self.generator_opt.step()
             self.note_generator(-per_point[:, 0].mean())
         loss = torch.zeros(())
@@ -497,6 +554,7 @@ class DFMS(DataFreeTask):
         )
         self.discriminator_opt.zero_grad(set_to_none=True)
         d_loss.backward()
+        average_gradients(self.discriminator, self.dist)
         self.discriminator_opt.step()
         judged = self.discriminator(x)
         g_loss = F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))

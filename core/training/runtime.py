@@ -36,21 +36,30 @@ def dist_from_env() -> Dist:
         raise UsageError(f"bad torchrun environment: {exc}") from exc
 
 
-def start_processes(device_spec: str, dist: Dist) -> torch.device:
-    """The device of this process; under DDP also joins the process group (nccl on CUDA, one GPU
-    per local rank; gloo on CPU, each process then using cores/processes threads)."""
+def process_device(device_spec: str, dist: Dist) -> torch.device:
+    """The device of this process: `device_spec` in one process; under torchrun one GPU per
+    local rank when CUDA is asked for (or `auto` finds it), else the CPU."""
     if not dist.enabled:
         from ..evaluate import resolve_device
 
         return resolve_device(device_spec)
+    if torch.cuda.is_available() and device_spec in ("auto", "cuda") or str(device_spec).startswith("cuda"):
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def start_processes(device_spec: str, dist: Dist) -> torch.device:
+    """The device of this process (process_device); under DDP also joins the process group
+    (nccl on CUDA; gloo on CPU, each process then using cores/processes threads)."""
+    device = process_device(device_spec, dist)
+    if not dist.enabled:
+        return device
     import torch.distributed as tdist
 
-    if torch.cuda.is_available() and device_spec in ("auto", "cuda") or str(device_spec).startswith("cuda"):
-        device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
-        device = torch.device("cpu")
         backend = "gloo"
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
@@ -106,3 +115,48 @@ def cpu_has_fast_bf16() -> bool:
         return bool(torch.cpu._is_amx_tile_supported()) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def rank_seed(seed: int, dist: Dist) -> int:
+    """The seed of this process's own draws (its images, its noise): rank 0 keeps `seed`, so one
+    process draws what it always drew, and every other rank draws apart from it."""
+    return seed if dist.rank == 0 else seed + dist.rank * 0x9E37_79B9
+
+
+def gather_all(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """`t` of every process concatenated along dim 0, rank 0 first, on every process (all
+    processes call it with tensors of the same shape)."""
+    if not dist.enabled:
+        return t
+    import torch.distributed as tdist
+
+    parts = [torch.empty_like(t) for _ in range(dist.world_size)]
+    tdist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_main(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """`t` as rank 0 has it, in place on every process (same shape and dtype everywhere)."""
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.broadcast(t, src=0)
+    return t
+
+
+def average_gradients(module: torch.nn.Module, dist: Dist) -> None:
+    """Average the gradients of `module` over processes (what DDP does for a model it wraps),
+    for the second networks of a task -- a generator, a discriminator -- that step on their own."""
+    if not dist.enabled:
+        return
+    import torch.distributed as tdist
+
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.world_size)
+    tdist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
