@@ -124,6 +124,12 @@ def distill_datafree(
     output = Path(output)
     log_path = Path(log_path) if log_path else None
     check_outputs(output, config, resume=resume, onnx=onnx, overwrite=overwrite, log_path=log_path, dist=dist)
+    if settings.bn_prior and method not in ("dafl", "zskt", "dfad"):
+        raise UsageError(
+            f"--bn-prior needs the teacher's batch-norm statistics: a white-box method "
+            f"(dafl, zskt, dfad), not {method}",
+            "drop --bn-prior",
+        )
     if method == "zskt" and settings.replay:
         raise UsageError("--replay works with dafl, dfad, dfme and dfms", "drop --replay for zskt")
     if method == "dfms" and proxy is None:
@@ -197,8 +203,20 @@ def distill_datafree(
                 generator = Generator(options.latent, options.generator_width, teacher.input_size)
                 stages = methods.STAGES if method == "zskt" else ()
                 access = methods.TeacherAccess(
-                    teacher, ledger, device, white_box=method in methods.WHITE_BOX, stages=stages, dist=dist
+                    teacher,
+                    ledger,
+                    device,
+                    white_box=method in methods.WHITE_BOX,
+                    stages=stages,
+                    bn_prior=options.bn_prior > 0,
+                    dist=dist,
                 )
+                if access.prior is not None and not access.prior.layers:
+                    raise UsageError(
+                        f"--bn-prior: {teacher.name} has no BatchNorm2d layer to take statistics from"
+                        + (" (--fast-teacher folds them into the convolutions)" if settings.fast_teacher else ""),
+                        "drop --bn-prior" + (" or --fast-teacher" if settings.fast_teacher else ""),
+                    )
                 val_loader = _val_loader(val, mean, std, device, dist) if val is not None else None
                 common = {"mean": mean, "std": std, "val": val_loader, "seed": config.seed}
                 if method == "dfms":

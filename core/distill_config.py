@@ -32,6 +32,7 @@ METHOD_SETTINGS = (
     "diversity",
     "proxy_epochs",
     "replay",
+    "bn_prior",
 )
 
 
@@ -227,6 +228,15 @@ class DistillSettings:
         help="Experience replay (dafl, dfad, dfme, dfms): keep the last N generated images with the teacher's "
         "answers; each student step also learns from a batch of them (no query). 0: off.",
         check=(lambda v: v >= 0, "--replay must be >= 0"),
+        panel=DATAFREE,
+    )
+    bn_prior: float = setting(
+        0.0,
+        "--bn-prior",
+        help="dafl, zskt, dfad: weight of a batch-norm prior on the generator (DeepInversion): the teacher's "
+        "per-layer feature means and variances on generated images pulled toward its running statistics. "
+        "0: off (the papers' methods).",
+        check=(lambda v: v >= 0, "--bn-prior must be >= 0, got {v}"),
         panel=DATAFREE,
     )
     steps_per_epoch: int = setting(

@@ -296,3 +296,65 @@ def test_under_torchrun_rank_0_meters_every_process_and_one_student_is_written(m
     assert meta["world_size"] == 2
     assert meta["queries"]["queries"] == 2 * PER_STEP[method]
     assert proc.stderr.count("val_acc") == 1  # the epoch line once, over both processes' val slices
+
+
+def test_bn_prior_is_zero_at_the_running_statistics_and_pulls_images_toward_them():
+    from torch import nn
+
+    from fakecifar.priors import BatchNormPrior
+
+    bn = nn.BatchNorm2d(3).eval()
+    x = torch.randn(64, 3, 4, 4) * 2 + 1
+    bn.running_mean.copy_(x.mean((0, 2, 3)))
+    bn.running_var.copy_(x.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False))
+    prior = BatchNormPrior(nn.Sequential(bn))
+    bn(x)
+    assert prior.loss().item() == pytest.approx(0.0, abs=1e-5)
+    y = torch.randn(64, 3, 4, 4, requires_grad=True)
+    bn(y)
+    loss = prior.loss()
+    assert loss.item() > 0.5
+    loss.backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    assert prior.loss().item() == 0.0  # read once: the next forward starts afresh
+    prior.remove()
+    bn(x)
+    assert prior.loss().item() == 0.0
+
+
+def test_bn_prior_runs_with_white_box_methods_and_is_refused_for_black_box(cli, models, tmp_path):
+    out = tmp_path / "bn.pt"
+    result = cli(
+        "distill",
+        "--teacher",
+        models.pt,
+        "--method",
+        "dfad",
+        "--student",
+        "lenet5",
+        *TINY,
+        "--bn-prior",
+        "0.1",
+        "-o",
+        out,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert queries_of(out)["queries"] == 2 * PER_STEP["dfad"]  # the prior rides on the charged forwards
+    assert load_checkpoint(out)[1]["train"]["distill"]["bn_prior"] == 0.1
+    refused = tmp_path / "no.pt"
+    result = cli(
+        "distill",
+        "--teacher",
+        models.onnx,
+        "--method",
+        "dfme",
+        "--student",
+        "lenet5",
+        *TINY,
+        "--bn-prior",
+        "0.1",
+        "-o",
+        refused,
+    )
+    one_error_line(result, "--bn-prior needs the teacher's batch-norm statistics", "not dfme", command="distill", last=True)
+    assert not refused.exists()

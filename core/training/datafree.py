@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import step_generator
+from ..priors import BatchNormPrior
 from .classification import soft_loss
 from .runtime import Dist, average_gradients, broadcast_main, gather_all, rank_seed
 from .sources import GeneratedBatches
@@ -68,6 +69,7 @@ class DataFreeOptions:
     diversity: float = 1.0  # dfms: weight of the class-diversity loss
     proxy_epochs: int = 1  # dfms: GAN pre-training epochs on the proxy set
     replay: int = 0  # images of experience replay (0: off)
+    bn_prior: float = 0.0  # dafl, zskt, dfad: weight of the teacher's batch-norm statistics prior
 
 
 def queries_per_step(options: DataFreeOptions, batch: int) -> int:
@@ -110,6 +112,7 @@ class TeacherAccess:
         *,
         white_box: bool,
         stages: Sequence[str] = (),
+        bn_prior: bool = False,
         dist: Dist | None = None,
     ):
         from ..teachers import BudgetExhausted
@@ -119,6 +122,7 @@ class TeacherAccess:
         self.exhausted = BudgetExhausted
         # A black-box method gets no handle on the network, even of a .pt victim.
         self.module: nn.Module | None = teacher.module if white_box else None
+        self.prior: BatchNormPrior | None = None
         self._captured: dict[str, torch.Tensor] = {}
         self.stage_names: list[str] = []
         if self.module is not None:
@@ -129,6 +133,7 @@ class TeacherAccess:
             linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
             if linear:
                 linear[-1].register_forward_hook(lambda _m, inp, _out: self._captured.__setitem__("features", inp[0]))
+            self.prior = BatchNormPrior(net) if bn_prior else None
             for name in stages:
                 sub = dict(net.named_modules()).get(name)
                 if sub is not None:
@@ -156,8 +161,14 @@ class TeacherAccess:
         assert self.module is not None, "a white-box method needs a torch teacher"
         self._charge(len(x))
         self._captured.clear()
+        if self.prior is not None:
+            self.prior.reset()
         out = self.module(x)
         return dict(self._captured), out.float()
+
+    def bn_prior(self) -> torch.Tensor:
+        """The batch-norm statistics prior (fakecifar.priors) of the last white-box forward."""
+        return self.prior.loss() if self.prior is not None else torch.zeros((), device=self.device)
 
     def soft(self, x: torch.Tensor) -> torch.Tensor:
         log_probs, _ = self._ask(x, soft=True)
@@ -408,6 +419,12 @@ class DataFreeTask(Task):
         self.generator_loss_sum += float(loss.detach())
         self.generator_updates += 1
 
+    def prior_loss(self) -> torch.Tensor:
+        """--bn-prior times the teacher's batch-norm prior on the images of its last forward."""
+        if not self.options.bn_prior:
+            return torch.zeros((), device=self.device)
+        return self.options.bn_prior * self.access.bn_prior()
+
     def fresh_z(self, z: torch.Tensor) -> torch.Tensor:
         return torch.randn_like(z)
 
@@ -425,7 +442,7 @@ class DAFL(DataFreeTask):
             features = captured.get("features", t)
             one_hot = F.cross_entropy(t, t.argmax(1))
             activation = -features.abs().mean()
-            g_loss = one_hot + 0.1 * activation + 5.0 * class_entropy_loss(t)
+            g_loss = one_hot + 0.1 * activation + 5.0 * class_entropy_loss(t) + self.prior_loss()
             self.update_generator(g_loss)
             loss = self.learn(ctx, x.detach(), t.detach(), self.kd)
         return loss, len(z) * self.options.student_steps
@@ -452,7 +469,7 @@ class ZSKT(DataFreeTask):
             x = self.generator(z)
             t = self.access.logits(x)
             s = self.student(ctx, x)
-            g_loss = -soft_loss("kl", s, t, 1.0)
+            g_loss = -soft_loss("kl", s, t, 1.0) + self.prior_loss()
             self.update_generator(g_loss)
         x = self.generator(z).detach()
         with torch.no_grad():
@@ -479,7 +496,7 @@ class DFAD(DataFreeTask):
             loss = self.learn(ctx, x, t, F.l1_loss)
         for _ in range(self.options.generator_steps):
             x = self.generator(self.fresh_z(z))
-            g_loss = -F.l1_loss(self.student(ctx, x), self.access.logits(x))
+            g_loss = -F.l1_loss(self.student(ctx, x), self.access.logits(x)) + self.prior_loss()
             self.update_generator(g_loss)
         return loss, len(z) * self.options.student_steps
 
