@@ -245,11 +245,6 @@ def distill(
 
     say = on_message or (lambda _: None)
     dist = dist_from_env()
-    if dist.enabled and settings.online:
-        raise UsageError(
-            "--online runs in one process for now (the query ledger is one process's)",
-            "run it without torchrun, or offline (the default): rank 0 asks the teacher, every rank trains",
-        )
     output = Path(output)
     check_outputs(
         output,
@@ -299,7 +294,7 @@ def distill(
             labelled = None
             if settings.online:
                 data = transfer
-                task = _online_task(teacher, ledger, settings.mix, config.seed)
+                task = _online_task(teacher, ledger, settings.mix, config.seed, dist)
             else:
                 where = Path(settings.save_transfer) if settings.save_transfer else default_transfer_dir(output)
                 if ledger is not None:
@@ -395,24 +390,25 @@ def _student_config(config, loss: str, settings: DistillSettings):
     return replace(config, soft=loss)
 
 
-def _online_task(teacher, ledger, mix: str, seed: int):
+def _online_task(teacher, ledger, mix: str, seed: int, dist):
     """A task factory for train(): a ClassificationTask whose soft targets are the teacher's
     answers to this step's augmented images -- mixed in pairs first with `mix` (mixup, cutmix)
     -- asked through the ledger (each view is a query). A spent budget ends the run at that
-    step, saved (StopTraining)."""
+    step, saved (StopTraining). Under torchrun rank 0 keeps the ledger and asks for every
+    process's images (TeacherAccess)."""
     import torch
 
     from .augment import step_generator
-    from .teachers import BudgetExhausted
     from .training.classification import ClassificationTask
+    from .training.datafree import TeacherAccess
     from .training.mixing import MIX_SALT, mix_batch, mixed_labels
-    from .training.stopping import StopTraining
 
     class OnlineDistillation(ClassificationTask):
         def __init__(self, config, num_classes, *, val, mean, std):
             super().__init__(config, num_classes, val=val)
             self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
             self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+            self.access: TeacherAccess | None = None
 
         def step(self, batch, ctx):
             if mix == "none":
@@ -423,15 +419,13 @@ def _online_task(teacher, ledger, mix: str, seed: int):
             return super().step((x, cols), ctx)
 
         def soft_targets(self, x, cols, ctx):
+            if self.access is None:
+                self.access = TeacherAccess(teacher, ledger, ctx.device, white_box=False, dist=dist)
             images = (x.detach().float().cpu() * self.std + self.mean).clamp_(0.0, 1.0).contiguous()
-            try:
-                answers = ledger.ask(teacher, images.numpy())
-            except BudgetExhausted as exc:
-                raise StopTraining("budget", str(exc)) from exc
-            soft = (
-                answers.log_probs if answers.log_probs is not None else one_hot_log(answers.labels, teacher.num_classes)
-            )
-            return torch.from_numpy(soft).to(x.device)
+            log_probs, labels = self.access.answers(images.to(ctx.device), soft=teacher.mode.soft)
+            if not teacher.mode.soft:
+                log_probs = torch.from_numpy(one_hot_log(labels.cpu().numpy(), teacher.num_classes))
+            return log_probs.to(x.device)
 
     return OnlineDistillation
 

@@ -298,6 +298,33 @@ def test_offline_distillation_under_torchrun(models, transfer, tmp_path):
     assert meta["world_size"] == 2 and meta["queries"]["queries"] == 48 and meta["queries"]["unique"] == 48
 
 
+def test_online_distillation_under_torchrun_pays_what_one_process_pays(cli, models, transfer, tmp_path):
+    """Two processes on gloo, --online: rank 0 asks the teacher for both processes' views each
+    step; the ledger counts what one process would have asked, in as many steps."""
+    import os
+
+    one = tmp_path / "one.pt"
+    result = cli("distill", "--teacher", models.pt, "--transfer", transfer, "--online", *STUDENT, "-o", one)
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "ddp.pt"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "fakecifar", "distill", "--teacher", str(models.pt), "--transfer", str(transfer)]
+        + ["--online", *STUDENT, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(out)]
+    from fakecifar.checkpoint import load_checkpoint
+
+    single, ddp = load_checkpoint(one)[1]["train"], load_checkpoint(out)[1]["train"]
+    assert ddp["world_size"] == 2
+    assert ddp["queries"]["queries"] == single["queries"]["queries"] == 2 * 48
+
+
 def test_fast_teacher_pass_is_asked_for_and_recorded(cli, models, transfer, tmp_path):
     from fakecifar.checkpoint import load_checkpoint
 

@@ -171,18 +171,18 @@ class TeacherAccess:
         return self.prior.loss() if self.prior is not None else torch.zeros((), device=self.device)
 
     def soft(self, x: torch.Tensor) -> torch.Tensor:
-        log_probs, _ = self._ask(x, soft=True)
+        log_probs, _ = self.answers(x, soft=True)
         return log_probs - log_probs.mean(1, keepdim=True)  # logits up to a constant per image: recentred
 
     def labels(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ask(x, soft=False)[1]
+        return self.answers(x, soft=False)[1]
 
     def _charge(self, n: int) -> None:
         """Charge `n` white-box forwards of each process: rank 0 charges them all, for every
         process (each runs its own copy of the teacher in lockstep)."""
         self._on_main(lambda: self.ledger.charge(self.teacher, n * self.dist.world_size))
 
-    def _ask(self, x: torch.Tensor, *, soft: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def answers(self, x: torch.Tensor, *, soft: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities or an empty tensor, top-1 labels) of the teacher on `x`. Under
         torchrun rank 0 asks about every process's images in one metered call and hands each
         its rows: one ledger, one count, whatever the number of processes."""
