@@ -31,8 +31,10 @@ from .common import (
     with_settings,
 )
 
-# The student's options are train's (one definition, fakecifar.training.config), less --soft:
-# what the teacher's answers are trained with is --loss here.
+# The student's options are train's (one definition, fakecifar.training.config), less --soft
+# (what the teacher's answers are trained with is --loss here) and --adv (adversarial training
+# attacks hard labels; a student learns the teacher's answers).
+NOT_FOR_STUDENTS = ("soft", "adv", "adv_eps", "adv_steps")
 # The architecture is the student's: --student NAME (train's --model/-m still work).
 STUDENT_SETTINGS = tuple(
     replace(
@@ -43,7 +45,7 @@ STUDENT_SETTINGS = tuple(
     if s.name == "model"
     else s
     for s in TRAIN_SETTINGS
-    if s.name != "soft"
+    if s.name not in NOT_FOR_STUDENTS
 )
 
 

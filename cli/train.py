@@ -94,6 +94,7 @@ def run(
         f"training {config.model} on {len(data)} images ({n_classes} classes, target {config.target}), "
         f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr} {config.schedule}"
         + (f", recipe {config.recipe}" if config.recipe != "standard" else "")
+        + (f", adversarial {config.adv} eps {config.adv_eps} x {config.adv_steps} steps" if config.adv else "")
         + (f", resuming {resume}" if resume else "")
         + (f", {dist.world_size} processes" if dist.enabled else "")
     )

@@ -5,6 +5,9 @@ such images (wrap a checkpoint's network with `normalized(model, mean, std)`).
 
     adv = pgd_l2(model, x01, y, eps=0.5, steps=20)        # step size 2.5 * eps / steps
     robust = (model(adv).argmax(1) == y).float().mean()
+
+Adversarial training (`train --adv pgd-l2`) attacks batches that are already normalized, with
+the same ball and box in pixel space: `pgd_l2_normalized(Normalized(net, mean, std), x, y, ...)`.
 """
 
 from __future__ import annotations
@@ -70,12 +73,34 @@ def pgd_l2(
     model.eval()
     x = x.detach()
     delta = torch.zeros_like(x)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = nn.functional.cross_entropy(model(x + delta), y)
-        (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            delta = delta + alpha * grad / _l2(grad)
-            delta = delta * torch.clamp(eps / _l2(delta), max=1.0)  # project onto the ball
-            delta = (x + delta).clamp_(0.0, 1.0) - x  # and the valid pixel box
+    # Only the images need gradients: with the weights frozen, autograd neither keeps what their
+    # gradients would need nor computes them (a third less time per step on CPU, measured).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = nn.functional.cross_entropy(model(x + delta), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = delta + alpha * grad / _l2(grad)
+                delta = delta * torch.clamp(eps / _l2(delta), max=1.0)  # project onto the ball
+                delta = (x + delta).clamp_(0.0, 1.0) - x  # and the valid pixel box
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return (x + delta).detach()
+
+
+def pgd_l2_normalized(net: Normalized, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int) -> torch.Tensor:
+    """`pgd_l2` for a batch `x` already normalized for `net.model` ((x01 - mean) / std, as the
+    training loop's batches are): back to [0, 1] with `net`'s mean and std, attacked there (the
+    radius and the box of `eval --attack`), normalized again. The attack runs in float32, outside
+    any autocast, with `net.model` in eval mode; its mode is restored afterwards."""
+    was_training = net.model.training
+    x01 = (x.float() * net.std + net.mean).clamp_(0.0, 1.0)
+    with torch.autocast(x.device.type, enabled=False):
+        adv01 = pgd_l2(net, x01, y, eps=eps, steps=steps)
+    net.train(was_training)
+    return ((adv01 - net.mean) / net.std).to(x.dtype)

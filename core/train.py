@@ -9,7 +9,8 @@
 `train()` checks the request and the data, then builds a run of the training engine
 (fakecifar.training): `ShardBatches` (a `BatchLoader`: uint8 kept in memory, normalized float
 made per batch on the device, batch-level augmentation on tensors) feed a `ClassificationTask`
-(SGD, label smoothing or soft targets, validation loss/accuracy) in the `Engine` loop (per-step
+(SGD, label smoothing or soft targets, L2 PGD adversarial training with `adv`, validation
+loss/accuracy) in the `Engine` loop (per-step
 schedule, optional EMA of the weights, mixed precision -- fp16/bf16 on CUDA, bf16 on CPUs with
 AMX --, channels_last, exact resume, mid-epoch too, and DDP under `torchrun`: only rank 0
 writes), with the callbacks that keep the best weights on validation loss, stop early, write the
@@ -381,7 +382,7 @@ def train(
 
 
 def _classification(config: TrainConfig, num_classes: int, *, val, mean, std) -> ClassificationTask:
-    return ClassificationTask(config, num_classes, val=val)
+    return ClassificationTask(config, num_classes, val=val, mean=mean, std=std)
 
 
 def _check_data(

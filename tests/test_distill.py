@@ -254,11 +254,11 @@ def test_a_malicious_pickle_teacher_is_refused_and_never_run(cli, transfer, tmp_
 
 
 def test_distill_options_come_from_the_training_registry():
-    """One definition per setting: distill's student options are train's (less --soft)."""
-    from fakecifar.cli.distill import STUDENT_SETTINGS
+    """One definition per setting: distill's student options are train's (less --soft, --adv)."""
+    from fakecifar.cli.distill import NOT_FOR_STUDENTS, STUDENT_SETTINGS
     from fakecifar.training.config import TRAIN_SETTINGS
 
-    assert {s.name for s in STUDENT_SETTINGS} == {s.name for s in TRAIN_SETTINGS} - {"soft"}
+    assert {s.name for s in STUDENT_SETTINGS} == {s.name for s in TRAIN_SETTINGS} - set(NOT_FOR_STUDENTS)
     by_name = {s.name: s for s in TRAIN_SETTINGS}
     for s in STUDENT_SETTINGS:
         if s.name != "model":

@@ -1,6 +1,8 @@
 """The classification task: SGD on hard labels (with label smoothing), or on soft targets (the
 batch's `logits` column: KL at a temperature, or MSE of logits) mixed with hard labels by
-`alpha`; validation loss and accuracy per epoch (with flip TTA).
+`alpha`; validation loss and accuracy per epoch (with flip TTA). With `adv` (train --adv pgd-l2),
+each step trains on L2 PGD adversarial examples of its batch (Madry et al. 2018,
+fakecifar.attacks.pgd_l2_normalized) instead of the batch itself.
 
 Batches are `(images, columns)` from `ShardBatches`. A distillation task that queries a teacher
 online subclasses it and overrides `soft_targets` (the teacher sees this step's augmented
@@ -9,14 +11,17 @@ images) and `evaluate` (to add teacher agreement), and keeps its ledger in `stat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks import Normalized, pgd_l2_normalized
 from ..evaluate import needed_columns
 from ..loader import BatchLoader
+from .config import check_adversarial
 from .runtime import Dist, all_sum
 from .task import StepContext, StepOutput, Task
 
@@ -54,19 +59,57 @@ def batch_targets(cols: dict[str, torch.Tensor], target: str, num_classes: int) 
 
 class ClassificationTask(Task):
     """`config` is a TrainConfig (lr, momentum, weight_decay, nesterov, target, soft,
-    temperature, alpha, label_smoothing, tta); `num_classes` counts the data's classes (the
-    origin+class target doubles them); `val` feeds the per-epoch validation."""
+    temperature, alpha, label_smoothing, tta, adv, adv_eps, adv_steps); `num_classes` counts the
+    data's classes (the origin+class target doubles them); `val` feeds the per-epoch validation;
+    `mean` and `std` are the batches' normalization, which adversarial training needs to attack in
+    [0, 1] pixel space (train() passes them to a task factory)."""
 
-    def __init__(self, config: Any, num_classes: int, val: BatchLoader | None = None):
+    def __init__(
+        self,
+        config: Any,
+        num_classes: int,
+        val: BatchLoader | None = None,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         self.config, self.num_classes, self.val = config, num_classes, val
         self.hard_weight = (1.0 - config.alpha) if config.soft is not None else 1.0
         self.optimizer: torch.optim.Optimizer | None = None
+        self.adv = getattr(config, "adv", None)
+        if self.adv is not None:
+            check_adversarial(config)  # again: distillation sets its soft targets after validate_config
+            if mean is None or std is None:
+                raise ValueError(
+                    "adversarial training needs the batches' mean and std: ClassificationTask(mean=, std=)"
+                )
+        self.normalization = (list(mean), list(std)) if mean is not None and std is not None else None
+        self.attacked: Normalized | None = None  # the model fed [0, 1] pixels, for the attack
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
         c = self.config
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov
         )
+        if self.adv is not None and self.normalization is not None:
+            # `model` is the bare module (ctx.model), never the DDP wrapper: the attack's gradients
+            # are taken w.r.t. the images only, so there is nothing to synchronise, and each
+            # process attacks its own slice of the batch.
+            self.attacked = Normalized(model, *self.normalization)
+
+    def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The step's training images: `x` itself, or with --adv its PGD adversarial examples
+        (normalized like `x`). The attack is deterministic (no random start, as `eval --attack`),
+        so a step's examples are a function of the weights and the batch: resume stays exact.
+
+        BatchNorm: the attack runs in eval mode, so its iterates neither move the running
+        statistics nor see each other through batch statistics; the update that follows runs in
+        train mode on the adversarial batch, so the statistics follow the inputs the model is
+        trained on, as in Madry et al. (clean accuracy pays a little for it)."""
+        if self.attacked is None:
+            return x
+        c = self.config
+        return pgd_l2_normalized(self.attacked, x, y, eps=c.adv_eps, steps=c.adv_steps)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         assert self.optimizer is not None, "setup() first"
@@ -90,6 +133,7 @@ class ClassificationTask(Task):
     def step(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]], ctx: StepContext) -> StepOutput:
         x, cols = batch
         y = batch_targets(cols, self.config.target, self.num_classes)
+        x = self.adversarial(x, y)  # train_loss and train_acc are then those of the adversarial batch
         with ctx.autocast():
             logits = ctx.net(x)
         loss = self.loss(logits.float(), y, self.soft_targets(x, cols, ctx))

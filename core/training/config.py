@@ -22,18 +22,24 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SOFT_LOSSES = ("kl", "l1", "l2", "ce")
 FLIPS = ("random", "alternate")
 TARGETS = ("class", "origin", "origin+class")
+# The attacks of fakecifar.attacks.ATTACKS that training can make its examples with (named here,
+# not imported: that module needs torch). The radius and steps when --adv is given without them:
+# the usual L2 setting on CIFAR (Madry et al.'s robustness library: eps 0.5, 7 steps).
+ADV_ATTACKS = ("pgd-l2",)
+ADV_EPS, ADV_STEPS = 0.5, 7
 
 # The sections of --help, in this order (fakecifar.cli.common.with_settings).
-RECIPE, MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME = (
+RECIPE, MODEL, OPTIM, AUGMENT, ADVERSARIAL, VALIDATION, OUTPUT, RUNTIME = (
     "Recipe",
     "Model and targets",
     "Optimization",
     "Augmentation",
+    "Adversarial training",
     "Validation",
     "Output and resume",
     "Runtime",
 )
-PANELS = (RECIPE, MODEL, OPTIM, AUGMENT, VALIDATION, OUTPUT, RUNTIME)
+PANELS = (RECIPE, MODEL, OPTIM, AUGMENT, ADVERSARIAL, VALIDATION, OUTPUT, RUNTIME)
 
 
 def _resolve_model(name: str) -> str:
@@ -193,6 +199,36 @@ class TrainConfig:
         check=(lambda v: 0 <= v <= 1, "--alpha must be in [0, 1], got {v}"),
         panel=MODEL,
     )
+    # Adversarial training: None for eps and steps means "not given" (their defaults apply with
+    # --adv only, and giving them without --adv is refused, not ignored).
+    adv: str | None = setting(
+        None,
+        "--adv",
+        help="Adversarial training (Madry et al. 2018): pgd-l2 trains on L2 PGD adversarial examples of every "
+        "batch, made against the current weights (about --adv-steps + 1 forward/backward passes per batch). "
+        "Hard labels only (not with --soft).",
+        check=(lambda v: v in (None, *ADV_ATTACKS), "unknown --adv {v!r} (use " + ", ".join(ADV_ATTACKS) + ")"),
+        panel=ADVERSARIAL,
+    )
+    adv_eps: float | None = setting(
+        None,
+        "--adv-eps",
+        help=f"L2 radius of the perturbations in [0,1] pixel space (before normalization), as eval --eps. "
+        f"Default with --adv: {ADV_EPS}.",
+        check=(
+            lambda v: v is None or (v > 0 and math.isfinite(v)),
+            "--adv-eps must be a positive finite L2 radius, got {v} (e.g. --adv-eps 0.5)",
+        ),
+        panel=ADVERSARIAL,
+    )
+    adv_steps: int | None = setting(
+        None,
+        "--adv-steps",
+        help=f"PGD steps per batch (step size 2.5*eps/steps, no random start, as eval --attack). "
+        f"Default with --adv: {ADV_STEPS}.",
+        check=(lambda v: v is None or v >= 1, "--adv-steps must be at least 1, got {v}"),
+        panel=ADVERSARIAL,
+    )
     ema: float | None = setting(  # EMA decay per step; the EMA weights are the deliverable
         None,
         "--ema",
@@ -336,3 +372,25 @@ def validate_config(c: TrainConfig) -> None:
         raise UsageError(f"--warmup must be in [0, epochs), got {c.warmup}")
     if not (c.nesterov is False or c.momentum > 0):
         raise UsageError("Nesterov momentum needs --momentum > 0 (or --no-nesterov)")
+    check_adversarial(c)
+    if c.adv is not None:
+        c.adv_eps = ADV_EPS if c.adv_eps is None else float(c.adv_eps)
+        c.adv_steps = ADV_STEPS if c.adv_steps is None else int(c.adv_steps)
+
+
+def check_adversarial(c: Any) -> None:
+    """The adversarial settings against the others: --adv-eps/--adv-steps need --adv, and --adv
+    needs hard labels (the attack maximises the cross-entropy of the label). Called by
+    validate_config and by the task itself, since distillation sets soft targets after it."""
+    if c.adv is None:
+        given = [flag for flag, value in (("--adv-eps", c.adv_eps), ("--adv-steps", c.adv_steps)) if value is not None]
+        if given:
+            options = " and ".join(given)
+            raise UsageError(
+                f"{options} {'needs' if len(given) == 1 else 'need'} --adv", f"add --adv pgd-l2, or drop {options}"
+            )
+    elif c.soft is not None:
+        raise UsageError(
+            f"--adv {c.adv} trains on hard labels, not on soft targets (--soft {c.soft})",
+            "drop --soft, or drop --adv",
+        )
