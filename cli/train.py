@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from fakecifar.training.config import MODEL, PANELS, RUN_SETTINGS, TRAIN_SETTINGS
+from fakecifar.training.config import MODEL, PANELS, RECORD_SETTINGS, RUN_SETTINGS, TRAIN_SETTINGS
 
 from .common import (
     ALLOW_INCOMPLETE,
@@ -26,7 +26,7 @@ from .common import (
 
 # Every option but these comes from the settings registry (fakecifar.training.config), where
 # `distill` finds the same definitions.
-@with_settings(RUN_SETTINGS, TRAIN_SETTINGS, panels=PANELS)
+@with_settings(RUN_SETTINGS, RECORD_SETTINGS, TRAIN_SETTINGS, panels=PANELS)
 def run(
     inputs: list[str] = typer.Argument(
         None, metavar="SHARDS", help="Training shards, directories or globs (or paths on stdin).", show_default=False
@@ -48,6 +48,7 @@ def run(
     from fakecifar.training.settings import check_values, from_command_line
 
     opts = from_command_line(RUN_SETTINGS, values)
+    records = from_command_line(RECORD_SETTINGS, values)  # --dynamics, --snapshots
     output, resume, val, log_file = opts["output"], opts["resume"], opts["val"], opts["log_path"]
     if output is None:
         if resume is None:
@@ -71,7 +72,9 @@ def run(
     dist = dist_from_env()
     # Refuse what needs no data (existing, unwritable or too long outputs, another architecture
     # on --resume) before any shard is opened: not after an epoch.
-    check_outputs(output, config, resume=resume, onnx=onnx, overwrite=overwrite, log_path=log_file, dist=dist)
+    check_outputs(
+        output, config, resume=resume, onnx=onnx, overwrite=overwrite, log_path=log_file, dist=dist, **records
+    )
     data = open_shards(paths, allow_incomplete=allow_incomplete)
     val_data = open_shards(val, allow_incomplete=allow_incomplete) if val else None
     import torch
@@ -119,6 +122,7 @@ def run(
             on_epoch=on_epoch,
             on_step=bar.advance,
             dist=dist,
+            **records,
         )
     if result.stopped == "early-stop":
         log(f"stopped early after epoch {len(result.history)}: no better val loss for {config.patience} epochs")

@@ -19,6 +19,7 @@ import torch
 from .shards import ShardSet
 
 DEFAULT_MEMORY_LIMIT = 4 << 30
+ROW = "row"  # a column no shard stores: each image's row in the set (training dynamics)
 
 
 class ShardImageDataset(torch.utils.data.Dataset):
@@ -115,7 +116,17 @@ class BatchLoader:
             pinned = self.device.type == "cuda"
             images = torch.from_numpy(self.data.read("images"))
             self._images = images.pin_memory() if pinned else images
-            self._columns = {name: self.data.read(name) for name in self.columns}
+            self._columns = {name: self._read(name) for name in self.columns}
+
+    def _read(self, name: str, shard: int | None = None, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """A column of the whole set (shard None) or rows start:stop of one shard; ROW is each
+        image's row in the set."""
+        if name == ROW:
+            base = 0 if shard is None else int(self.data.offsets[shard])
+            return np.arange(base + start, base + (len(self.data) if stop is None else stop), dtype=np.int64)
+        if shard is None:
+            return self.data.read(name)
+        return self.data.shards[shard].read(name, start, stop)
 
     def _batch(self, images: np.ndarray | torch.Tensor, columns: dict[str, np.ndarray]) -> tuple:
         x = torch.as_tensor(images).to(self.device, non_blocking=True)
@@ -191,8 +202,7 @@ class BatchLoader:
                     carry = {n: merged[n][rest] for n in names}
 
         for k, start, stop in blocks:
-            shard = self.data.shards[k]
-            rows = {n: shard.read(n, start, stop) for n in names}
+            rows = {n: self._read(n, k, start, stop) for n in names}
             if keep is not None:
                 base = int(self.data.offsets[k])
                 mask = np.isin(np.arange(base + start, base + stop), keep, assume_unique=True)

@@ -32,6 +32,7 @@ one saved, no `.partial` is left). `check_outputs` refuses what can be refused w
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,12 +48,12 @@ from . import __version__
 from .checkpoint import _torch_load, export_onnx, load_checkpoint
 from .errors import BadCheckpointError, OutputExistsError, UsageError, write_error
 from .evaluate import check_target, make_targets, needed_columns, target_classes
-from .loader import BatchLoader
+from .loader import ROW, BatchLoader
 from .models import MODELS, build_model, resolve_name
 from .outputs import check_output_path
-from .shards import ShardSet
+from .shards import ShardSet, pixel_sha256
 from .text import format_classes
-from .training.callbacks import Callback, Checkpoint, EarlyStopping, Hooks, JsonlLog, SaveBest
+from .training.callbacks import Callback, Checkpoint, EarlyStopping, EpochSnapshots, Hooks, JsonlLog, SaveBest
 from .training.classification import ClassificationTask, hard_loss, soft_loss
 from .training.config import (
     FLIPS,
@@ -64,6 +65,7 @@ from .training.config import (
     make_config,
     validate_config,
 )
+from .training.dynamics import TrainingDynamics
 from .training.ema import EMA
 from .training.loop import Engine
 from .training.runtime import (
@@ -206,6 +208,8 @@ def check_outputs(
     overwrite: bool = False,
     log_path: str | os.PathLike | None = None,
     dist: Dist | None = None,
+    dynamics: str | os.PathLike | None = None,
+    snapshots: str | os.PathLike | None = None,
 ) -> None:
     """Every refusal that needs no training data, so that it comes before any data is read:
     `-o` named .onnx, an existing output without `overwrite`, a directory, a name or path too
@@ -232,6 +236,14 @@ def check_outputs(
                 open(log_path, "a").close()
             except OSError as exc:
                 raise write_error(exc, log_path) from exc
+    if dynamics:  # rewritten after every epoch: a resumed run carries it on
+        _check_output(
+            Path(dynamics), overwrite=overwrite or resume_path is not None, option="--dynamics", probe=dist.main
+        )
+    if snapshots:
+        check_output_path(
+            Path(snapshots), directory=True, children=["epoch-000.pt.partial"], option="--snapshots", probe=dist.main
+        )
     if resume_path:
         _, meta = load_checkpoint(resume_path)
         _check_arch(resume_path, meta, config)
@@ -264,6 +276,8 @@ def train(
     task: Callable[..., Task] | None = None,
     extra_info: Callable[[], Mapping[str, Any]] | None = None,
     logits_column: bool | None = None,
+    dynamics: str | os.PathLike | None = None,
+    snapshots: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train `config.model` on `data`; write `output` (.pt) after every epoch and, with `onnx`,
     `output` with suffix .onnx at the end. See the module docstring for the details.
@@ -272,14 +286,26 @@ def train(
     ClassificationTask (distillation plugs in here); `extra_info()` is merged into the
     checkpoint's `train` metadata at every save (e.g. a query ledger's summary);
     `logits_column` says whether batches carry the data's `logits` (default: with --soft; an
-    online distillation task asks its teacher instead)."""
+    online distillation task asks its teacher instead); `dynamics`: record every row's margin,
+    correctness and error norm per epoch into this HDF5 file (fakecifar.training.dynamics);
+    `snapshots`: a directory for every epoch's weights (epoch-NNN.pt)."""
     dist = dist or dist_from_env()
     output = Path(output)
     resume_path = Path(resume) if resume else None
     log_path = Path(log_path) if log_path else None
 
     # ---- everything that can be refused is refused before any work or any write
-    check_outputs(output, config, resume=resume_path, onnx=onnx, overwrite=overwrite, log_path=log_path, dist=dist)
+    check_outputs(
+        output,
+        config,
+        resume=resume_path,
+        onnx=onnx,
+        overwrite=overwrite,
+        log_path=log_path,
+        dist=dist,
+        dynamics=dynamics,
+        snapshots=snapshots,
+    )
     state: dict[str, Any] = {}
     stored_meta: dict[str, Any] | None = None
     if resume_path:
@@ -318,7 +344,9 @@ def train(
             else (device.type == "cuda" or amp_dtype is not None)
         )
         torch.manual_seed(config.seed)
-        source, val_loader = _sources(data, val, rows, config, mean, std, device, channels_last, dist, logits_column)
+        source, val_loader = _sources(
+            data, val, rows, config, mean, std, device, channels_last, dist, logits_column, rows_column=bool(dynamics)
+        )
         model = _model(data, rows, config, len(classes), mean, std, fresh=not state)
         meta = {
             "arch": config.model,
@@ -354,9 +382,14 @@ def train(
             *([log] if log else []),
             Hooks(on_step=on_step, on_epoch=on_epoch),
         ]
+        the_task = (task or _classification)(config, len(data.classes), val=val_loader, mean=mean, std=std)
+        if dynamics:
+            callbacks.append(_dynamics_recorder(the_task, data, config, Path(dynamics), dist))
+        if snapshots and dist.main:
+            callbacks.append(EpochSnapshots(Path(snapshots), meta))
         engine = Engine(
             model,
-            (task or _classification)(config, len(data.classes), val=val_loader, mean=mean, std=std),
+            the_task,
             source,
             epochs=config.epochs,
             schedule=schedule_of(config, len(source)),
@@ -379,6 +412,22 @@ def train(
     return TrainResult(
         output if dist.main else None, written_onnx, engine.history, config, classes, stopped, best.epoch
     )
+
+
+def _dynamics_recorder(task: Task, data: ShardSet, config: TrainConfig, path: Path, dist: Dist) -> TrainingDynamics:
+    """The --dynamics callback, wired into the task that records it (a ClassificationTask)."""
+    if not isinstance(task, ClassificationTask):
+        raise UsageError("--dynamics records the training pass of train's classification task", "drop --dynamics")
+    if "sha256" in data.columns:
+        digests = data.read("sha256")
+    else:
+        digests = np.concatenate([pixel_sha256(chunk["images"]) for _, chunk in data.iter_chunks(["images"])])
+    meta = {"classes": json.dumps(list(data.classes)), "target": config.target, "seed": config.seed}
+    recorder = TrainingDynamics(
+        len(data), config.epochs, dist, path=path if dist.main else None, sha256=digests, meta=meta
+    )
+    task.dynamics = recorder
+    return recorder
 
 
 def _classification(config: TrainConfig, num_classes: int, *, val, mean, std) -> ClassificationTask:
@@ -442,9 +491,11 @@ def _sources(
     channels_last: bool,
     dist: Dist,
     logits_column: bool,
+    *,
+    rows_column: bool = False,
 ) -> tuple[ShardBatches, BatchLoader | None]:
     """The training batches (this process's slice, augmented) and the validation loader."""
-    columns = needed_columns(config.target) + (("logits",) if logits_column else ())
+    columns = needed_columns(config.target) + (("logits",) if logits_column else ()) + ((ROW,) if rows_column else ())
     per_rank_batch = max(1, config.batch_size // dist.world_size)
     loader = BatchLoader(
         data,

@@ -12,7 +12,7 @@ images) and `evaluate` (to add teacher agreement), and keeps its ledger in `stat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,13 @@ from torch import nn
 
 from ..attacks import Normalized, pgd_l2_normalized
 from ..evaluate import needed_columns
-from ..loader import BatchLoader
+from ..loader import ROW, BatchLoader
 from .config import check_adversarial
 from .runtime import Dist, all_sum
 from .task import StepContext, StepOutput, Task
+
+if TYPE_CHECKING:
+    from .dynamics import TrainingDynamics
 
 
 def soft_loss(kind: str, logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -84,6 +87,8 @@ class ClassificationTask(Task):
                     "adversarial training needs the batches' mean and std: ClassificationTask(mean=, std=)"
                 )
         self.normalization = (list(mean), list(std)) if mean is not None and std is not None else None
+        # train --dynamics sets it (fakecifar.training.dynamics); the batches then carry ROW.
+        self.dynamics: TrainingDynamics | None = None
         self.attacked: Normalized | None = None  # the model fed [0, 1] pixels, for the attack
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
@@ -143,6 +148,8 @@ class ClassificationTask(Task):
         if gate_loss is not None:
             loss = loss + gate_loss()
         ctx.update(loss, self.optimizers()[0])
+        if self.dynamics is not None:  # train --dynamics: this forward's per-row record
+            self.dynamics.record(cols[ROW], logits.detach(), y, ctx.epoch)
         with torch.no_grad():
             mask = y >= 0
             correct = (logits.argmax(1)[mask] == y[mask]).sum()

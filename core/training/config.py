@@ -316,6 +316,25 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
+# What a `train` run records besides its checkpoint, for `fakecifar dropout` (train's alone).
+RECORD_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "dynamics",
+        ("--dynamics",),
+        "Record every training image's margin, correctness and error norm at each epoch, from the training "
+        "pass itself, into this HDF5 file (for dropout --score aum|forgetting|el2n).",
+        type=Path,
+        panel=OUTPUT,
+    ),
+    Setting(
+        "snapshots",
+        ("--snapshots",),
+        "Save every epoch's weights as DIR/epoch-NNN.pt (for dropout --score tracin).",
+        type=Path,
+        panel=OUTPUT,
+    ),
+)
+
 TRAIN_SETTINGS = settings_of(TrainConfig)
 
 # Recipes are defaults, not locks: any option given explicitly overrides them.
