@@ -33,8 +33,9 @@ from .common import (
 
 # The student's options are train's (one definition, fakecifar.training.config), less --soft
 # (what the teacher's answers are trained with is --loss here) and --adv (adversarial training
-# attacks hard labels; a student learns the teacher's answers).
-NOT_FOR_STUDENTS = ("soft", "adv", "adv_eps", "adv_steps")
+# attacks hard labels; a student learns the teacher's answers), and the self-training knobs of
+# --pseudo-label (train's alone).
+NOT_FOR_STUDENTS = ("soft", "adv", "adv_eps", "adv_steps", "threshold", "rounds")
 # The architecture is the student's: --student NAME (train's --model/-m still work).
 STUDENT_SETTINGS = tuple(
     replace(

@@ -9,7 +9,14 @@ from typing import Any
 
 import typer
 
-from fakecifar.training.config import MODEL, PANELS, RECORD_SETTINGS, RUN_SETTINGS, TRAIN_SETTINGS
+from fakecifar.training.config import (
+    ADAPT_SETTINGS,
+    MODEL,
+    RECORD_SETTINGS,
+    RUN_SETTINGS,
+    TRAIN_PANELS,
+    TRAIN_SETTINGS,
+)
 
 from .common import (
     ALLOW_INCOMPLETE,
@@ -26,7 +33,7 @@ from .common import (
 
 # Every option but these comes from the settings registry (fakecifar.training.config), where
 # `distill` finds the same definitions.
-@with_settings(RUN_SETTINGS, RECORD_SETTINGS, TRAIN_SETTINGS, panels=PANELS)
+@with_settings(RUN_SETTINGS, RECORD_SETTINGS, ADAPT_SETTINGS, TRAIN_SETTINGS, panels=TRAIN_PANELS)
 def run(
     inputs: list[str] = typer.Argument(
         None, metavar="SHARDS", help="Training shards, directories or globs (or paths on stdin).", show_default=False
@@ -49,6 +56,8 @@ def run(
 
     opts = from_command_line(RUN_SETTINGS, values)
     records = from_command_line(RECORD_SETTINGS, values)  # --dynamics, --snapshots
+    # --adapt-bn, --pseudo-label: unlabelled target shards (fakecifar.training.adapt)
+    targets = {name: paths or None for name, paths in from_command_line(ADAPT_SETTINGS, values).items()}
     output, resume, val, log_file = opts["output"], opts["resume"], opts["val"], opts["log_path"]
     if output is None:
         if resume is None:
@@ -64,6 +73,11 @@ def run(
     paths = require_inputs(paths)
     if not val and stored_val:
         val = stored_val
+    if resume is not None:  # ... and on the target shards of its --adapt-bn/--pseudo-label
+        from fakecifar.training.adapt import stored_targets
+
+        for name, stored in zip(("adapt_bn", "pseudo_label"), stored_targets(resume)):
+            targets[name] = targets[name] or stored or None
 
     options = from_command_line(TRAIN_SETTINGS, values)  # parsed: --milestones 0.5,0.75 -> [0.5, 0.75]
     config = make_config(options.pop("recipe"), base, **options)
@@ -73,10 +87,25 @@ def run(
     # Refuse what needs no data (existing, unwritable or too long outputs, another architecture
     # on --resume) before any shard is opened: not after an epoch.
     check_outputs(
-        output, config, resume=resume, onnx=onnx, overwrite=overwrite, log_path=log_file, dist=dist, **records
+        output,
+        config,
+        resume=resume,
+        onnx=onnx,
+        overwrite=overwrite,
+        log_path=log_file,
+        dist=dist,
+        **records,
+        **targets,
     )
     data = open_shards(paths, allow_incomplete=allow_incomplete)
     val_data = open_shards(val, allow_incomplete=allow_incomplete) if val else None
+    target_data = {
+        name: open_shards(p, allow_incomplete=allow_incomplete) if p else None for name, p in targets.items()
+    }
+    if any(t is not None for t in target_data.values()):  # one line, before the run's opening line
+        from fakecifar.training.adapt import check_targets
+
+        check_targets(data, val_data, config=config, **target_data)
     import torch
 
     if threads is not None:
@@ -100,6 +129,7 @@ def run(
         + (f", adversarial {config.adv} eps {config.adv_eps} x {config.adv_steps} steps" if config.adv else "")
         + (f", resuming {resume}" if resume else "")
         + (f", {dist.world_size} processes" if dist.enabled else "")
+        + _adapt_summary(**target_data)
     )
 
     def on_epoch(r: dict) -> None:
@@ -123,6 +153,8 @@ def run(
             on_step=bar.advance,
             dist=dist,
             **records,
+            **target_data,
+            on_message=log,
         )
     if result.stopped == "early-stop":
         log(f"stopped early after epoch {len(result.history)}: no better val loss for {config.patience} epochs")
@@ -132,6 +164,15 @@ def run(
         report_gates(result.checkpoint, config.model, val_data if val_data is not None else data)
     for path in result.paths:
         emit(str(path))
+
+
+def _adapt_summary(adapt_bn: Any = None, pseudo_label: Any = None) -> str:
+    """The fake -> real part of the opening line (the rounds report their own lines)."""
+    text = f", then self-training on {len(pseudo_label)} unlabelled target images" if pseudo_label is not None else ""
+    if adapt_bn is not None:
+        text += f", {'each round ' if pseudo_label is not None else 'then '}BatchNorm-adapted on {len(adapt_bn)}"
+        text += " unlabelled target images"
+    return text
 
 
 def _load_average() -> float | None:

@@ -62,6 +62,7 @@ from .training.config import (
     SCHEDULES,
     SOFT_LOSSES,
     TrainConfig,
+    check_pseudo_label,
     make_config,
     validate_config,
 )
@@ -171,6 +172,7 @@ class TrainResult:
     classes: list[str]
     stopped: str  # "completed" | "early-stop"
     best_epoch: int | None = None
+    adaptation: dict | None = None  # --adapt-bn / --pseudo-label: the checkpoint's train.adapt
 
     @property
     def paths(self) -> list[Path]:
@@ -210,15 +212,26 @@ def check_outputs(
     dist: Dist | None = None,
     dynamics: str | os.PathLike | None = None,
     snapshots: str | os.PathLike | None = None,
+    adapt_bn: Any = None,
+    pseudo_label: Any = None,
 ) -> None:
     """Every refusal that needs no training data, so that it comes before any data is read:
     `-o` named .onnx, an existing output without `overwrite`, a directory, a name or path too
     long, an unwritable place (tested with a probe file, not os.access, which says yes to root
     everywhere), a `--log` that cannot be written, a `resume` checkpoint of another
-    architecture than `config.model`. Creates nothing. `train` calls it first."""
+    architecture than `config.model`. Creates nothing. `train` calls it first.
+    `adapt_bn`/`pseudo_label` (target paths or shards; None: not asked): the fake -> real
+    requests (fakecifar.training.adapt), e.g. --threshold without --pseudo-label."""
     dist = dist or dist_from_env()
     output = Path(output)
     resume_path = Path(resume) if resume else None
+    check_pseudo_label(config, pseudo_label is not None)
+    if adapt_bn is not None or pseudo_label is not None:
+        from .training.adapt import check_adapt_outputs
+
+        check_adapt_outputs(
+            output, config, resume=resume_path, overwrite=overwrite, pseudo_label=pseudo_label is not None, dist=dist
+        )
     if output.suffix == ".onnx":
         raise UsageError(f"-o {output}: name the .pt checkpoint", "--onnx writes the .onnx beside it")
     allowed = [resume_path] if resume_path else []
@@ -278,9 +291,16 @@ def train(
     logits_column: bool | None = None,
     dynamics: str | os.PathLike | None = None,
     snapshots: str | os.PathLike | None = None,
+    adapt_bn: ShardSet | None = None,
+    pseudo_label: ShardSet | None = None,
+    on_message: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train `config.model` on `data`; write `output` (.pt) after every epoch and, with `onnx`,
     `output` with suffix .onnx at the end. See the module docstring for the details.
+
+    Fake -> real without real labels (fakecifar.training.adapt; `on_message` gets its report
+    lines): `adapt_bn` re-estimates the delivered model's BatchNorm statistics on these unlabelled
+    target shards; `pseudo_label` self-trains on them for `config.rounds` rounds.
 
     `task(config, num_classes, val=val_loader, mean=, std=)` makes the task instead of a
     ClassificationTask (distillation plugs in here); `extra_info()` is merged into the
@@ -289,6 +309,30 @@ def train(
     online distillation task asks its teacher instead); `dynamics`: record every row's margin,
     correctness and error norm per epoch into this HDF5 file (fakecifar.training.dynamics);
     `snapshots`: a directory for every epoch's weights (epoch-NNN.pt)."""
+    if adapt_bn is not None or pseudo_label is not None:
+        from .training.adapt import adapted_train  # it runs the trainings through this function
+
+        return adapted_train(
+            data,
+            output,
+            config,
+            adapt_bn=adapt_bn,
+            pseudo_label=pseudo_label,
+            val=val,
+            resume=resume,
+            onnx=onnx,
+            overwrite=overwrite,
+            log_path=log_path,
+            on_epoch=on_epoch,
+            on_step=on_step,
+            on_message=on_message,
+            dist=dist,
+            task=task,
+            extra_info=extra_info,
+            logits_column=logits_column,
+            dynamics=dynamics,
+            snapshots=snapshots,
+        )
     dist = dist or dist_from_env()
     output = Path(output)
     resume_path = Path(resume) if resume else None

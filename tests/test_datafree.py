@@ -356,5 +356,6 @@ def test_bn_prior_runs_with_white_box_methods_and_is_refused_for_black_box(cli, 
         "-o",
         refused,
     )
-    one_error_line(result, "--bn-prior needs the teacher's batch-norm statistics", "not dfme", command="distill", last=True)
+    needles = ("--bn-prior needs the teacher's batch-norm statistics", "not dfme")
+    one_error_line(result, *needles, command="distill", last=True)
     assert not refused.exists()

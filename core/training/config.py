@@ -27,6 +27,10 @@ TARGETS = ("class", "origin", "origin+class")
 # the usual L2 setting on CIFAR (Madry et al.'s robustness library: eps 0.5, 7 steps).
 ADV_ATTACKS = ("pgd-l2",)
 ADV_EPS, ADV_STEPS = 0.5, 7
+# Fake -> real without real labels (train --adapt-bn / --pseudo-label, fakecifar.training.adapt):
+# the --help section, and the threshold and rounds when --pseudo-label is given without them.
+ADAPT = "Fake -> real (unlabelled target images)"
+PSEUDO_THRESHOLD, PSEUDO_ROUNDS = 0.9, 1
 
 # The sections of --help, in this order (fakecifar.cli.common.with_settings).
 RECIPE, MODEL, OPTIM, AUGMENT, ADVERSARIAL, VALIDATION, OUTPUT, RUNTIME = (
@@ -229,6 +233,26 @@ class TrainConfig:
         check=(lambda v: v is None or v >= 1, "--adv-steps must be at least 1, got {v}"),
         panel=ADVERSARIAL,
     )
+    # Self-training on unlabelled target images (--pseudo-label TARGET, a path: ADAPT_SETTINGS).
+    # None means "not given": the defaults apply with --pseudo-label only, and giving them without
+    # it is refused (check_pseudo_label). Each round's training is a plain one: the rounds record
+    # the values they used in the checkpoint's train.adapt, not in train.args.
+    threshold: float | None = setting(
+        None,
+        "--threshold",
+        help=f"--pseudo-label keeps the target images whose top softmax probability is at least this, in (0, 1]. "
+        f"Default: {PSEUDO_THRESHOLD}.",
+        check=(lambda v: v is None or 0 < v <= 1, "--threshold must be in (0, 1], got {v}"),
+        panel=ADAPT,
+    )
+    rounds: int | None = setting(
+        None,
+        "--rounds",
+        help=f"--pseudo-label rounds: predict the target images, train again (from scratch, same options) on "
+        f"SHARDS plus the kept ones. Default: {PSEUDO_ROUNDS}.",
+        check=(lambda v: v is None or v >= 1, "--rounds must be at least 1, got {v}"),
+        panel=ADAPT,
+    )
     ema: float | None = setting(  # EMA decay per step; the EMA weights are the deliverable
         None,
         "--ema",
@@ -240,7 +264,7 @@ class TrainConfig:
         False, "--whiten/--no-whiten", help="Initialise the first conv as a patch-whitening filter bank.", panel=MODEL
     )
     tta: bool = setting(  # validation averages the image and its mirror
-        False, "--tta/--no-tta", help="Validate on the image and its mirror.", panel=VALIDATION
+        False, "--tta/--no-tta", help="Validate (and --pseudo-label) on the image and its mirror.", panel=VALIDATION
     )
     seed: int = setting(0, "--seed", help="Random seed (init, shuffling, augmentation). Default: 0.", panel=RUNTIME)
     device: str = setting("auto", "--device", help="auto, cpu, cuda or cuda:N. Default: auto.", panel=RUNTIME)
@@ -335,6 +359,29 @@ RECORD_SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
+# Fake -> real without real labels (train's alone; fakecifar.training.adapt): unlabelled target
+# shards. Their labels, if any, are never read.
+ADAPT_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "adapt_bn",
+        ("--adapt-bn",),
+        "After training, re-estimate every BatchNorm's statistics on these unlabelled target shards "
+        "(AdaBN; repeatable); the adapted model is delivered.",
+        type=list[str],
+        panel=ADAPT,
+    ),
+    Setting(
+        "pseudo_label",
+        ("--pseudo-label",),
+        "Self-train on these unlabelled target shards (repeatable): keep the images predicted with at least "
+        "--threshold, train again on SHARDS plus them, --rounds times; each round's set is written to OUTPUT.pseudo/.",
+        type=list[str],
+        panel=ADAPT,
+    ),
+)
+# train's --help sections: PANELS with the fake -> real one after adversarial training.
+TRAIN_PANELS = (*PANELS[: PANELS.index(ADVERSARIAL) + 1], ADAPT, *PANELS[PANELS.index(ADVERSARIAL) + 1 :])
+
 TRAIN_SETTINGS = settings_of(TrainConfig)
 
 # Recipes are defaults, not locks: any option given explicitly overrides them.
@@ -412,4 +459,29 @@ def check_adversarial(c: Any) -> None:
         raise UsageError(
             f"--adv {c.adv} trains on hard labels, not on soft targets (--soft {c.soft})",
             "drop --soft, or drop --adv",
+        )
+
+
+def check_pseudo_label(c: Any, pseudo_label: bool) -> None:
+    """The self-training settings against the others: --threshold/--rounds need --pseudo-label
+    (`pseudo_label`: it was given), and --pseudo-label needs hard class labels (it writes the
+    predicted class as the label). Called by `check_outputs`, before any data is read."""
+    if not pseudo_label:
+        given = [flag for flag, value in (("--threshold", c.threshold), ("--rounds", c.rounds)) if value is not None]
+        if given:
+            options = " and ".join(given)
+            raise UsageError(
+                f"{options} {'needs' if len(given) == 1 else 'need'} --pseudo-label",
+                f"add --pseudo-label TARGET_SHARDS, or drop {options}",
+            )
+        return
+    if c.soft is not None:
+        raise UsageError(
+            f"--pseudo-label trains on predicted hard labels, not on soft targets (--soft {c.soft})",
+            "drop --soft, or drop --pseudo-label",
+        )
+    if c.target != "class":
+        raise UsageError(
+            f"--pseudo-label predicts classes: it needs --target class, not --target {c.target}",
+            "drop --target, or drop --pseudo-label",
         )
