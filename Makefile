@@ -60,13 +60,15 @@ clean:
 
 # The built-in detector (core/data/detector.onnx): `fakecifar train --target origin` on CIFAKE
 # train (deduplicated), with a held-out split that shares no image with training. Training is
-# seeded and deterministic on CPU and timings are kept out of the ONNX, so the same data, torch
-# build, CPU type and thread count give the same bytes (a test trains twice, fp32 and bf16, and
-# compares the ONNX hashes; a second full 60-epoch build has not been run). bf16 needs a CPU with
-# AMX to be fast; elsewhere pass DETECTOR_TRAIN='... --precision fp32' (other bytes, ~2x slower).
+# seeded and deterministic on CPU and timings are kept out of the ONNX. The precision is the
+# machine's fast one (--precision auto: bf16 autocast on CPUs with AMX, fp32 elsewhere -- bf16
+# without AMX trains ~10x slower), recorded in the checkpoint's train.precision. The same bytes
+# therefore need the same data, torch build, CPU family (AMX or not: it picks the precision),
+# precision and thread count (OMP_NUM_THREADS=2 below); a test trains twice, fp32 and bf16, and
+# compares the ONNX hashes. To pin one: DETECTOR_TRAIN='... --precision bf16'.
 CIFAKE   ?= ../shared/data/cifake-train.tar.gz
 DETECTOR := build/detector
-DETECTOR_TRAIN := --model resnet32 --epochs 60 --schedule onecycle --lr 0.2 --ema 0.995 --whiten --precision bf16 --seed 0
+DETECTOR_TRAIN := --model resnet32 --epochs 60 --schedule onecycle --lr 0.2 --ema 0.995 --whiten --precision auto --seed 0
 detector: install
 	rm -f $(DETECTOR)/train.jsonl
 	$(FC) import $(CIFAKE) --dedup -o $(DETECTOR)/cifake --overwrite > /dev/null
