@@ -51,6 +51,10 @@ def noisy_set(data: str, out: Path, images: int, fraction: float, seed: int) -> 
     return flipped
 
 
+def _value_of_proxy(args: list[str], i: int) -> bool:
+    return i > 0 and args[i - 1].startswith("--proxy") and "=" not in args[i - 1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="clean labelled shards (e.g. a real CIFAR-10 train split)")
@@ -77,8 +81,14 @@ def main() -> None:
             cmd += ["--seed", str(ns.seed), "-o", str(run), "--overwrite"]
             if method in ("influence", "tracin"):
                 cmd += ["--val", ns.val]
+            if method == "random":  # the control trains nothing: no --proxy-* options
+                passed = [
+                    a for i, a in enumerate(extra) if not a.startswith("--proxy") and not _value_of_proxy(extra, i)
+                ]
+            else:
+                passed = extra
             start = time.monotonic()
-            subprocess.run(cmd + extra, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(cmd + passed, check=True, stdout=subprocess.DEVNULL)
             seconds = time.monotonic() - start
         values = np.load(scores_file)["scores"]
         top = np.argsort(-values, kind="stable")[:n_flag]
