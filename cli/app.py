@@ -19,7 +19,7 @@ from typer._click import exceptions as click_exceptions
 
 from fakecifar import __version__
 
-from . import confusion, detect, distill, eval, import_, mine, resize, serve, split, stats, train
+from . import confusion, detect, distill, dropout, eval, extract, import_, mine, resize, serve, split, stats, train
 from .common import Settings
 
 app = typer.Typer(
@@ -48,8 +48,10 @@ COMMANDS = {  # in the order of a study: get data, prepare it, train, evaluate, 
     "split": split,
     "train": train,
     "distill": distill,
+    "extract": extract,
     "eval": eval,
     "confusion": confusion,
+    "dropout": dropout,
     "serve": serve,
     "detect": detect,
 }
