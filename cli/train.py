@@ -152,8 +152,10 @@ def run(
             on_epoch=on_epoch,
             on_step=bar.advance,
             dist=dist,
-            **records,
-            **target_data,
+            dynamics=records["dynamics"],
+            snapshots=records["snapshots"],
+            adapt_bn=target_data["adapt_bn"],
+            pseudo_label=target_data["pseudo_label"],
             on_message=log,
         )
     if result.stopped == "early-stop":

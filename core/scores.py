@@ -323,10 +323,18 @@ def _work_key(work: Path, key: Mapping[str, Any]) -> None:
     stamp.write_text(text)
 
 
-def train_proxy(data: ShardSet, path: Path, req: ScoreRequest, what: str, **records: Path) -> dict:
+def train_proxy(
+    data: ShardSet,
+    path: Path,
+    req: ScoreRequest,
+    what: str,
+    *,
+    dynamics: Path | None = None,
+    snapshots: Path | None = None,
+) -> dict:
     """Train (or finish, or reuse) a proxy checkpoint at `path` on the training engine
-    (fakecifar.train.train); returns its cost: epochs and image-epochs trained now. `records`:
-    train's `dynamics=` / `snapshots=`, recorded while it trains."""
+    (fakecifar.train.train); returns its cost: epochs and image-epochs trained now. `dynamics` /
+    `snapshots`: train's `dynamics=` / `snapshots=`, recorded while it trains."""
     from .checkpoint import load_checkpoint
     from .train import TrainingInterrupted, train
     from .training.runtime import Dist
@@ -351,7 +359,15 @@ def train_proxy(data: ShardSet, path: Path, req: ScoreRequest, what: str, **reco
         req.say(f"{what}: resuming {path} after epoch {done} of {config.epochs}")
     try:
         result = train(
-            data, path, config, resume=resume, on_epoch=req.on_epoch, on_step=req.on_step, dist=Dist(), **records
+            data,
+            path,
+            config,
+            resume=resume,
+            on_epoch=req.on_epoch,
+            on_step=req.on_step,
+            dist=Dist(),
+            dynamics=dynamics,
+            snapshots=snapshots,
         )
     except TrainingInterrupted as exc:
         raise TrainingInterrupted(
@@ -725,7 +741,14 @@ def _proxy_records(req: ScoreRequest, kind: str) -> tuple[Path, Path, dict]:
     _work_key(work, {"method": kind, **_run_key(req)})
     path = work / "proxy.pt"
     record = work / ("dynamics.h5" if kind == "dynamics" else "snapshots")
-    spent = train_proxy(req.data, path, req, "proxy", **{kind: record})
+    spent = train_proxy(
+        req.data,
+        path,
+        req,
+        "proxy",
+        dynamics=record if kind == "dynamics" else None,
+        snapshots=record if kind == "snapshots" else None,
+    )
     cost = {"models_trained": 1, "training_epochs": spent["epochs"], "training_image_epochs": spent["image_epochs"]}
     return path, record, cost
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 import functools
 import os
 import signal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from helpers import one_error_line as _one_error_line
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 one_error_line = functools.partial(_one_error_line, command="train", last=True)
 only_line = functools.partial(_one_error_line, command="train")  # stderr is the error alone
@@ -57,7 +61,7 @@ def domains(make_shard, tmp_path):
     return {"source": source, "target": target, "truth": truth, "val": val}
 
 
-def _normalized(images: np.ndarray, meta: dict) -> torch.Tensor:
+def _normalized(images: np.ndarray, meta: dict) -> Tensor:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     return (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
 
@@ -109,14 +113,16 @@ def test_adapt_bn_delivers_the_model_with_target_statistics(cli, domains, tmp_pa
     # The first BatchNorm's running statistics are those of the target images (one batch of 90).
     target = open_shards([domains["target"]]).read("images")
     x = _normalized(target, meta)
+    conv = first_conv(model)
+    assert conv is not None
     with torch.no_grad():
-        a = first_conv(model)(x)
+        a = conv(x)
     bn = batchnorm_layers(model)[0]
     assert torch.allclose(bn.running_mean, a.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(bn.running_var, a.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
     source = open_shards([domains["source"]]).read("images")
     with torch.no_grad():
-        s = first_conv(model)(_normalized(source, meta))
+        s = conv(_normalized(source, meta))
     assert not torch.allclose(bn.running_mean, s.mean((0, 2, 3)), atol=1e-2)  # not the source's
     # No weight changed: the deliverable is the trained weights (no --val, no EMA) but for BN statistics.
     raw = _torch_load(out, "cpu")

@@ -305,6 +305,7 @@ def test_bn_prior_is_zero_at_the_running_statistics_and_pulls_images_toward_them
 
     bn = nn.BatchNorm2d(3).eval()
     x = torch.randn(64, 3, 4, 4) * 2 + 1
+    assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats
     bn.running_mean.copy_(x.mean((0, 2, 3)))
     bn.running_var.copy_(x.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False))
     prior = BatchNormPrior(nn.Sequential(bn))

@@ -78,7 +78,8 @@ def test_forgetting_counts_transitions_and_ranks_never_learned_rows_last():
     # row 0: 1 -> 0 -> 1 one forgetting; row 1 never learned: 3 + 1; row 2: learned at 2, then
     # forgotten at 3; row 3: unseen at 1, then right.
     assert forgetting(d).tolist() == [1.0, 4.0, 1.0, 0.0]
-    assert aum(Dynamics(np.array([[1.0, 2.0]]), np.zeros((1, 2)), np.array([[1, -1]], np.int8), None, {}))[1] == np.inf
+    unseen = Dynamics(np.array([[1.0, 2.0]]), np.zeros((1, 2)), np.array([[1, -1]], np.int8), np.zeros(2, "S32"), {})
+    assert aum(unseen)[1] == np.inf
 
 
 def test_an_interrupted_run_records_the_same_dynamics_after_resume(cli, tmp_path):

@@ -129,8 +129,8 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[Any]) -> int:
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
-        for m, mode in zip(model.modules(), modes):
-            m.training = mode
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
     return seen
 
 
@@ -450,7 +450,7 @@ def adapted_train(
     val_targets = _targets(val, config) if val is not None else None
 
     def info(finalized: bool) -> dict[str, Any]:
-        adapt = {
+        adapt: dict[str, Any] = {
             "round": run.round,
             "rounds": rounds if pseudo else None,
             "finalized": finalized,
@@ -538,6 +538,7 @@ def adapted_train(
         if not pseudo or k >= rounds:
             break
         # ---- the next round's pseudo-labelled set, from this round's delivered model
+        assert pseudo_label is not None  # pseudo
         record = _pseudo_round(
             k + 1, rounds, source, output, pseudo_label, data, threshold, config, device, overwrite, say
         )
@@ -584,7 +585,8 @@ class _Run:
     def resumed(cls, path: Path, config: TrainConfig) -> _Run:
         _, meta = load_checkpoint(path)
         info = dict(meta.get("train") or {})
-        adapt = info.get("adapt") if isinstance(info.get("adapt"), Mapping) else {}
+        saved_adapt = info.get("adapt")
+        adapt: Mapping[str, Any] = saved_adapt if isinstance(saved_adapt, Mapping) else {}
         stopped, done = str(info.get("stopped") or "running"), int(info.get("epochs_done") or 0)
         # A larger --epochs continues the round the checkpoint holds, as a plain --resume does.
         trained = stopped == "early-stop" or (stopped == "completed" and done >= config.epochs)
@@ -597,7 +599,8 @@ class _Run:
                     "start again with --overwrite",
                 )
             records = [{"round": 0}]
-        pseudo = adapt.get("pseudo") if isinstance(adapt.get("pseudo"), Mapping) else {}
+        saved_pseudo = adapt.get("pseudo")
+        pseudo: Mapping[str, Any] = saved_pseudo if isinstance(saved_pseudo, Mapping) else {}
         bn = adapt.get("bn") if isinstance(adapt.get("bn"), Mapping) else None
         finalized = trained and bool(adapt.get("finalized"))
         return cls(
@@ -671,6 +674,7 @@ def _finalize(
     name = f"round {run.round}/{rounds}" if rounds else "training"
     if adapt_bn is not None:
         if val_loader is not None:
+            assert val_targets is not None  # set with val_loader
             record["val_acc_before_bn"] = accuracy(model, val_loader, val_targets, config.tta)
         batch = balanced_batch(len(adapt_bn), max(config.batch_size, BATCH))
         target = _loader(adapt_bn, meta, device, batch_size=batch, columns=(), shuffle=True, seed=config.seed)
@@ -685,13 +689,13 @@ def _finalize(
             "round": run.round,
         }
     if val_loader is not None:
+        assert val_targets is not None  # set with val_loader
         record["val_acc"] = accuracy(model, val_loader, val_targets, config.tta)
     if adapt_bn is not None:
-        before = record.get("val_acc_before_bn")
-        say(
-            f"{name}: adapted {layers} BatchNorm layers on {seen:,} target images"
-            + (f": val_acc {100 * before:.2f}% -> {100 * record['val_acc']:.2f}%" if val_loader is not None else "")
-        )
+        change = ""
+        if val_loader is not None:
+            change = f": val_acc {100 * record['val_acc_before_bn']:.2f}% -> {100 * record['val_acc']:.2f}%"
+        say(f"{name}: adapted {layers} BatchNorm layers on {seen:,} target images" + change)
     elif val_loader is not None and rounds:
         say(f"{name}: val_acc {100 * record['val_acc']:.2f}%" + (" (SHARDS only)" if run.round == 0 else ""))
     return model, meta

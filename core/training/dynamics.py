@@ -23,6 +23,7 @@ at the epoch's end. The record is part of the resume state, so a resumed run rec
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ class TrainingDynamics(Callback):
             }
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state.get("dynamics")
         if not saved:
             return
