@@ -14,12 +14,12 @@
 # the intended classes of dfm -- `balanced` is the paper's (random virtual logits), `teacher`
 # the teacher's top class on each background image: at a few thousand images a fresh student
 # learns nothing from balanced targets (11.2% on real images, docs/extract.md), so the CPU
-# chain uses teacher. LR 0.05: --soft l2 on logits of ~20 diverges or stalls at train's 0.1.
+# chain uses teacher. LR: --soft l2 on logits of ~20 diverges at train's 0.1 and at 0.05.
 set -eu
 REAL_TRAIN=$1 HELDOUT=$2 BACKGROUND=$3 WORK=$4
 N=${N:-1000} STEPS=${STEPS:-3} M0_EPOCHS=${M0_EPOCHS:-8} ROBUST_EPOCHS=${ROBUST_EPOCHS:-3}
 CHAINS=${CHAINS:-std rob} REPORT=${REPORT:-yes}
-EPOCHS=${EPOCHS:-10} THREADS=${THREADS:-2} ARCH=${ARCH:-vgg8} TARGETS=${TARGETS:-teacher} LR=${LR:-0.05}
+EPOCHS=${EPOCHS:-10} THREADS=${THREADS:-2} ARCH=${ARCH:-vgg8} TARGETS=${TARGETS:-teacher} LR=${LR:-0.01} ROBUST_LR=${ROBUST_LR:-0.05}
 F=${FAKECIFAR:-fakecifar}
 mkdir -p "$WORK"
 cd "$WORK"
@@ -30,7 +30,7 @@ cd "$WORK"
 
 case "$CHAINS" in *std*) [ -f m0-std.pt ] ||
     $F train "$REAL_TRAIN" --model "$ARCH" --epochs "$M0_EPOCHS" --threads "$THREADS" -o m0-std.pt ;; esac
-case "$CHAINS" in *rob*) [ -f m0-rob.pt ] || $F train "$REAL_TRAIN" --model "$ARCH" --epochs "$ROBUST_EPOCHS" --lr "$LR" --adv pgd-l2 \
+case "$CHAINS" in *rob*) [ -f m0-rob.pt ] || $F train "$REAL_TRAIN" --model "$ARCH" --epochs "$ROBUST_EPOCHS" --lr "$ROBUST_LR" --adv pgd-l2 \
     --adv-eps 0.5 --adv-steps 2 --threads "$THREADS" -o m0-rob.pt ;; esac
 
 for chain in $CHAINS; do
