@@ -242,6 +242,7 @@ def distill(
     from .shards import open_shards
     from .teachers import open_teacher
     from .train import check_outputs, dist_from_env, train
+    from .training.runtime import process_device
 
     say = on_message or (lambda _: None)
     dist = dist_from_env()
@@ -268,6 +269,7 @@ def distill(
         api_key_env=settings.api_key_env,
         batch_size=settings.query_batch,
         fast=settings.fast_teacher,
+        device=str(process_device(config.device, dist)),  # under torchrun: this process's GPU
     )
     with teacher:
         loss = resolve_loss(settings, teacher.mode)

@@ -56,9 +56,9 @@ from .shards import (
     ShardSet,
     ShardWriter,
     open_dataset_output,
-    pixel_sha256,
     producer,
     provenance_of,
+    row_sha256,
 )
 from .shards import SUFFIX as SHARD_SUFFIX
 from .text import format_classes, format_size
@@ -119,12 +119,6 @@ def drop_order(values: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- scores files
-
-
-def row_hashes(data: ShardSet) -> np.ndarray:
-    """The sha256 of every row's pixels (S32 [N]), computed from the pixels (not the column)."""
-    parts = [pixel_sha256(chunk["images"]) for _, chunk in data.iter_chunks(("images",))]
-    return np.concatenate(parts) if parts else np.zeros(0, "S32")
 
 
 def save_scores(path: Path, scores: Scores, hashes: np.ndarray, labels: np.ndarray, meta: dict) -> Path:
@@ -575,7 +569,7 @@ def dropout(
             )
         if model is not None or proxy.given():
             raise UsageError("--scores reads scores: --model and --proxy-* would score again", "drop them")
-        hashes = row_hashes(data)
+        hashes = row_sha256(data)
         check_scores_match(scores_file, header, arrays, data, hashes, labels)
         loaded = (given_scores, header)
         method = given_scores.method
@@ -681,7 +675,7 @@ def _run(
                 )
             scores = None  # a stale file of an interrupted run with other scoring: rescore
         else:
-            hashes = row_hashes(data)
+            hashes = row_sha256(data)
             check_scores_match(scores_path, header, arrays, data, hashes, labels)
             scores_from = "resumed"
     if scores is None:
@@ -694,11 +688,11 @@ def _run(
         assert req is not None
         req.work_dir = work
         scores = score(scoring["method"], req)
-        hashes = row_hashes(data) if hashes is None else hashes
+        hashes = row_sha256(data) if hashes is None else hashes
         save_scores(scores_path, scores, hashes, labels, _scores_meta(data, scoring))
         shutil.rmtree(work, ignore_errors=True)
     elif loaded is not None and keep_scores and not own_file:
-        hashes = row_hashes(data) if hashes is None else hashes
+        hashes = row_sha256(data) if hashes is None else hashes
         save_scores(scores_path, scores, hashes, labels, _scores_meta(data, scoring, loaded[1]))
 
     # ---- the drop, the kept shards, the report

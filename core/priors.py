@@ -30,7 +30,7 @@ class BatchNormPrior:
     def _record(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
         x = inputs[0].float()
         mean = x.mean(dim=(0, 2, 3))
-        var = x.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
+        var = x.var(dim=(0, 2, 3), unbiased=False)
         assert isinstance(layer, nn.BatchNorm2d) and layer.running_mean is not None and layer.running_var is not None
         self._terms.append(
             torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(var - layer.running_var)

@@ -346,7 +346,7 @@ def train_proxy(
             _, meta = load_checkpoint(path)
             info = meta.get("train") or {}
             if info.get("stopped") in ("completed", "early-stop") and int(info.get("epochs_done", 0)) >= config.epochs:
-                req.say(f"{what}: reusing {path} ({info.get('epochs_done')} epochs, from an interrupted run)")
+                req.say(f"{what}: reusing {path} ({info.get('epochs_done')} epochs, from an earlier run)")
                 return {"epochs": 0, "image_epochs": 0}
             resume = path
             done = int(info.get("epochs_done", 0))
@@ -741,16 +741,35 @@ def _proxy_records(req: ScoreRequest, kind: str) -> tuple[Path, Path, dict]:
     _work_key(work, {"method": kind, **_run_key(req)})
     path = work / "proxy.pt"
     record = work / ("dynamics.h5" if kind == "dynamics" else "snapshots")
-    spent = train_proxy(
-        req.data,
-        path,
-        req,
-        "proxy",
-        dynamics=record if kind == "dynamics" else None,
-        snapshots=record if kind == "snapshots" else None,
-    )
+    dynamics, snapshots = (record, None) if kind == "dynamics" else (None, record)
+    spent = train_proxy(req.data, path, req, "proxy", dynamics=dynamics, snapshots=snapshots)
+    if not _record_complete(req, kind, record, path):
+        # A kill between the proxy's last save and its record's: train it again, whole.
+        req.say(f"proxy: its {kind} record in {record} is incomplete; training it again")
+        path.unlink(missing_ok=True)
+        if record.is_dir():
+            shutil.rmtree(record, ignore_errors=True)
+        else:
+            record.unlink(missing_ok=True)
+        spent = train_proxy(req.data, path, req, "proxy", dynamics=dynamics, snapshots=snapshots)
     cost = {"models_trained": 1, "training_epochs": spent["epochs"], "training_image_epochs": spent["image_epochs"]}
     return path, record, cost
+
+
+def _record_complete(req: ScoreRequest, kind: str, record: Path, proxy: Path) -> bool:
+    """Whether the proxy's record covers every epoch it trained (and, for dynamics, these rows)."""
+    from .checkpoint import load_checkpoint
+
+    epochs = int((load_checkpoint(proxy)[1].get("train") or {}).get("epochs_done", 0))
+    if kind == "snapshots":
+        return record.is_dir() and len(list(record.glob("epoch-*.pt"))) >= epochs
+    if not record.is_file():
+        return False
+    from .shards import row_sha256
+    from .training.dynamics import read_dynamics
+
+    d = read_dynamics(record)
+    return int(d.meta.get("epochs", 0)) == epochs and bool((d.sha256 == row_sha256(req.data)).all())
 
 
 def _dynamics_scores(req: ScoreRequest, method: str, values_of: Callable) -> Scores:

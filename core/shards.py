@@ -71,6 +71,13 @@ def pixel_sha256(images: np.ndarray) -> np.ndarray:
     return np.array([hashlib.sha256(img.tobytes()).digest() for img in images], dtype="S32")
 
 
+def row_sha256(data: ShardSet) -> np.ndarray:
+    """pixel_sha256 of every row of `data` (S32 [N]), computed from the pixels (not trusting a
+    `sha256` column): what ties scores and training records to the rows they were made on."""
+    parts = [pixel_sha256(chunk["images"]) for _, chunk in data.iter_chunks(("images",))]
+    return np.concatenate(parts) if parts else np.zeros(0, "S32")
+
+
 # --------------------------------------------------------------------------- writing
 
 

@@ -51,7 +51,7 @@ from .evaluate import check_target, make_targets, needed_columns, target_classes
 from .loader import ROW, BatchLoader
 from .models import MODELS, build_model, resolve_name
 from .outputs import check_output_path
-from .shards import ShardSet, pixel_sha256
+from .shards import ShardSet, row_sha256
 from .text import format_classes
 from .training.callbacks import Callback, Checkpoint, EarlyStopping, EpochSnapshots, Hooks, JsonlLog, SaveBest
 from .training.classification import ClassificationTask, hard_loss, soft_loss
@@ -249,6 +249,9 @@ def check_outputs(
                 open(log_path, "a").close()
             except OSError as exc:
                 raise write_error(exc, log_path) from exc
+    if dynamics and dist.enabled:
+        # A mid-epoch save holds rank 0's rows of that epoch only: a resumed record would be wrong.
+        raise UsageError("--dynamics records in one process for now", "run it without torchrun")
     if dynamics:  # rewritten after every epoch: a resumed run carries it on
         _check_output(
             Path(dynamics), overwrite=overwrite or resume_path is not None, option="--dynamics", probe=dist.main
@@ -462,10 +465,7 @@ def _dynamics_recorder(task: Task, data: ShardSet, config: TrainConfig, path: Pa
     """The --dynamics callback, wired into the task that records it (a ClassificationTask)."""
     if not isinstance(task, ClassificationTask):
         raise UsageError("--dynamics records the training pass of train's classification task", "drop --dynamics")
-    if "sha256" in data.columns:
-        digests = data.read("sha256")
-    else:
-        digests = np.concatenate([pixel_sha256(chunk["images"]) for _, chunk in data.iter_chunks(["images"])])
+    digests = row_sha256(data)
     meta = {"classes": json.dumps(list(data.classes)), "target": config.target, "seed": config.seed}
     recorder = TrainingDynamics(
         len(data), config.epochs, dist, path=path if dist.main else None, sha256=digests, meta=meta

@@ -342,6 +342,12 @@ def test_bn_prior_runs_with_white_box_methods_and_is_refused_for_black_box(cli, 
     assert result.exit_code == 0, result.stderr
     assert queries_of(out)["queries"] == 2 * PER_STEP["dfad"]  # the prior rides on the charged forwards
     assert load_checkpoint(out)[1]["train"]["distill"]["bn_prior"] == 0.1
+    plain = tmp_path / "plain.pt"
+    result = cli("distill", "--teacher", models.pt, "--method", "dfad", "--student", "lenet5", *TINY, "-o", plain)
+    assert result.exit_code == 0, result.stderr
+    with_prior = _torch_load(out, "cpu")["resume"]["task"]["generator"]
+    without = _torch_load(plain, "cpu")["resume"]["task"]["generator"]
+    assert any(not torch.equal(with_prior[k], without[k]) for k in without)  # the prior moved the generator
     refused = tmp_path / "no.pt"
     result = cli(
         "distill",

@@ -114,3 +114,14 @@ def test_an_existing_dynamics_file_is_not_clobbered(cli, tmp_path):
 def test_distill_has_no_record_options(cli, flag):
     r = cli("distill", "--help")
     assert flag not in r.stdout
+
+
+def test_dynamics_under_torchrun_is_refused_before_any_work(tmp_path):
+    """A mid-epoch save under DDP holds rank 0's rows only: refused rather than recorded wrong."""
+    from fakecifar.errors import UsageError
+    from fakecifar.train import check_outputs, make_config
+    from fakecifar.training.runtime import Dist
+
+    with pytest.raises(UsageError, match="--dynamics records in one process"):
+        check_outputs(tmp_path / "m.pt", make_config(), dist=Dist(0, 2, 0), dynamics=tmp_path / "d.h5")
+    assert not list(tmp_path.iterdir())

@@ -16,8 +16,9 @@ train mode, as the papers do):
 `train` wires the recorder (an Engine callback) into its ClassificationTask, which records every
 step; the file is rewritten after every epoch.
 
-Under torchrun each process records its own rows; the epoch's record is summed over processes
-at the epoch's end. The record is part of the resume state, so a resumed run records the same.
+The record is part of the resume state, so a resumed run records the same. `train` refuses it
+under torchrun for now: each process would record its own rows (summed at the epoch's end), but
+a save in mid-epoch holds only rank 0's, so a resumed record would be wrong.
 """
 
 from __future__ import annotations
