@@ -115,8 +115,14 @@ main(sys.argv[4:])
 def signalled_run(module: str, at: tuple[int, int], args: list, sig: int) -> subprocess.CompletedProcess:
     """Run `fakecifar ARGS` (see _UNTIL_SIGNALLED), send `sig` once it is blocked at `at`, and
     return its exit code, stdout and whole stderr."""
+    return run_blocked(_UNTIL_SIGNALLED, [module, at[0], at[1]], args, sig)
+
+
+def run_blocked(script: str, script_args: list, args: list, sig: int) -> subprocess.CompletedProcess:
+    """Run `python -c SCRIPT SCRIPT_ARGS... ARGS...`, a fakecifar command that prints MARK on
+    stderr where it blocks; send `sig` then, and return its exit code, stdout and whole stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _UNTIL_SIGNALLED, module, str(at[0]), str(at[1]), *map(str, args)],
+        [sys.executable, "-c", script, *map(str, script_args), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -7,10 +7,8 @@ issue with nothing already written lost."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -21,7 +19,7 @@ from teacher_server import CLASSES, MEAN, SIZE, STD
 from fakecifar.manifest import describe_directory
 from fakecifar.shards import ShardWriter, open_shards
 
-from helpers import one_error_line, random_images
+from helpers import one_error_line, random_images, run_blocked
 
 K = len(CLASSES)
 STEPS = 3
@@ -214,22 +212,7 @@ main(sys.argv[2:])
 
 
 def run_until_signalled(args: list, sig: int, shard: int = 1) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _BLOCK_AT_SHARD, str(shard), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.stderr is not None
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if line.strip() == "MARK":
-            break
-    proc.send_signal(sig)
-    out, rest = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(args, proc.returncode, out, "".join(lines) + rest)
+    return run_blocked(_BLOCK_AT_SHARD, [shard], args, sig)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
