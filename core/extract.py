@@ -483,19 +483,6 @@ def dirichlet_targets(
 # ----------------------------------------------------------------------------- losses
 
 
-def total_variation_l2(x: torch.Tensor) -> torch.Tensor:
-    """DeepInversion's L2 total variation: the L2 norms of the differences to the right, below
-    and both diagonals, summed (over the whole batch, as the paper's code; the coefficients of
-    the paper are for this one, not for fakecifar.priors.total_variation's mean L1)."""
-    import torch
-
-    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
-    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
-    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
-    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
-    return torch.norm(d1) + torch.norm(d2) + torch.norm(d3) + torch.norm(d4)
-
-
 def deepinversion_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -511,9 +498,11 @@ def deepinversion_loss(
     paper's coefficients carry over."""
     import torch.nn.functional as F
 
+    from .priors import total_variation
+
     loss = F.cross_entropy(logits, targets) + bn_weight * bn_loss
     if tv_weight:
-        loss = loss + tv_weight * total_variation_l2(x_normalised)
+        loss = loss + tv_weight * total_variation(x_normalised)
     if l2_weight:
         loss = loss + l2_weight * x_normalised.norm()
     return loss
@@ -869,7 +858,7 @@ def _prepare(settings: ExtractSettings, teacher: Any):
     from torch import nn
 
     from .priors import BatchNormPrior
-    from .teachers import _folded
+    from .teachers import fold_batchnorm
 
     module = teacher.module
     module.eval()
@@ -897,7 +886,7 @@ def _prepare(settings: ExtractSettings, teacher: Any):
         similarity = class_similarity(linear[-1].weight)
     # Eval-mode BatchNorm is an affine map: folded into the convolutions (checked against the
     # module on a probe batch, else the module itself), the same gradients ~1.3x faster on a CPU.
-    net = _folded(module, teacher.input_size, teacher.device)  # channels-last (a copy), or `module`
+    net = fold_batchnorm(module, teacher.input_size, teacher.device)  # channels-last (a copy), or `module`
     for p in net.parameters():
         p.requires_grad_(False)
     return net, bn, similarity

@@ -3,7 +3,7 @@ images look like the network's training data to the network itself.
 
     prior = BatchNormPrior(teacher)       # hooks every BatchNorm2d of `teacher`
     logits = teacher(x)                   # the forward records each layer's batch statistics
-    loss = ce + 0.05 * prior.loss()       # + total_variation(x), ...
+    loss = ce + 0.05 * prior.loss() + 1e-3 * total_variation(x)
     prior.remove()
 
 `BatchNormPrior` is DeepInversion's feature-distribution regulariser (Yin et al. 2020): at each
@@ -54,5 +54,11 @@ class BatchNormPrior:
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference of neighbouring pixels (anisotropic TV, a smoothness prior)."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    """DeepInversion's L2 total variation: the L2 norms of the differences to the right, below
+    and along both diagonals, summed over the whole batch (as the paper's code, whose
+    coefficients are for this form): a smoothness prior."""
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return torch.norm(d1) + torch.norm(d2) + torch.norm(d3) + torch.norm(d4)

@@ -378,7 +378,7 @@ class TorchTeacher(_LocalTeacher):
         if self.fast:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
-        self._net = _folded(module, self.input_size, self.device) if self.fast else module
+        self._net = fold_batchnorm(module, self.input_size, self.device) if self.fast else module
         h, w = self.input_size
         on_cpu = torch.device(self.device).type == "cpu"
         self.forward_batch = max(16, CACHE_PIXELS // max(1, h * w)) if on_cpu else self.max_batch
@@ -399,7 +399,7 @@ class TorchTeacher(_LocalTeacher):
             return torch.cat(out).float().cpu().numpy()
 
 
-def _folded(module: nn.Module, input_size: tuple[int, int], device: Any) -> nn.Module:
+def fold_batchnorm(module: nn.Module, input_size: tuple[int, int], device: Any) -> nn.Module:
     """An inference copy of `module` (eval) with each BatchNorm folded into the convolution
     before it, NHWC; `module` itself when fx cannot trace it or the copy's answers on a probe
     batch differ from its own beyond float rounding (or in top-1)."""

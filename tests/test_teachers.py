@@ -146,12 +146,12 @@ class DataDependent(nn.Module):
 
 
 def test_the_fast_pass_keeps_the_module_when_it_cannot_fold_it() -> None:
-    from fakecifar.teachers import _folded
+    from fakecifar.teachers import fold_batchnorm
 
     module = DataDependent().eval()
-    assert _folded(module, (SIZE, SIZE), "cpu") is module
+    assert fold_batchnorm(module, (SIZE, SIZE), "cpu") is module
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()).eval()
-    folded = _folded(plain, (SIZE, SIZE), "cpu")
+    folded = fold_batchnorm(plain, (SIZE, SIZE), "cpu")
     assert folded is not plain and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
 
