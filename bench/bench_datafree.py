@@ -28,8 +28,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from common import COLOURS
+
 FAKECIFAR = [sys.executable, "-m", "fakecifar"]
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
 
 
 def teacher_accuracy(teacher: str, arch: str | None, test: str) -> float:
