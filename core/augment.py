@@ -7,6 +7,13 @@ No per-image PIL work in the training loop: `BatchLoader` hands over a normalize
     x = pad_crop(x, 4, gen)          # random translation by up to 4 px (reflect padding)
     x = random_flip(x, gen)          # horizontal flip with probability 1/2
 
+Three more destroy high-frequency detail, for detectors whose signal may live there (issue 14
+asks whether they help or hurt): each is applied to a seeded half of the batch's images.
+
+    x = random_jpeg(x, mean, std, gen)   # re-encoded as JPEG at a quality in 50..95
+    x = random_resize(x, gen)            # down to 50..87.5% of the side (16..28 px at 32) and back
+    x = random_blur(x, gen)              # Gaussian blur, sigma in 0.4..1.2 px
+
 `alternating_flip` is the "derandomized" flip of airbench (Jordan 2024): every image is flipped
 on every other epoch, starting from a fixed per-image coin, so each epoch shows the mirror
 image of what the previous one showed, instead of a fresh coin toss that repeats views.
@@ -24,7 +31,13 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 
-AUGMENTATIONS = ("crop", "flip")
+# augment_batch applies the degradations of the stored image first (jpeg, resize, blur), then
+# flip and crop.
+AUGMENTATIONS = ("crop", "flip", "jpeg", "resize", "blur")
+DEGRADED_FRACTION = 0.5  # of the images of a batch, for each of jpeg, resize and blur
+JPEG_QUALITY = (50, 95)
+RESIZE_SCALE = (0.5, 0.875)  # of the image's side: 16..28 px at 32
+BLUR_SIGMA = (0.4, 1.2)
 
 
 def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -38,7 +51,7 @@ def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     if unknown:
         raise UsageError(
             f"unknown augmentation {', '.join(map(repr, unknown))}",
-            "use a comma-separated subset of crop,flip, or none",
+            f"use a comma-separated subset of {','.join(AUGMENTATIONS)}, or none",
         )
     return tuple(n for n in AUGMENTATIONS if n in names)
 
@@ -110,6 +123,76 @@ def alternating_flip(x: torch.Tensor, epoch: int) -> torch.Tensor:
     return flip_where(x, image_coins(x) ^ bool(epoch % 2))
 
 
+def _uniform(n: int, bounds: tuple[float, float], generator: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(n, generator=generator, device=generator.device if generator else "cpu")
+    return bounds[0] + (bounds[1] - bounds[0]) * u
+
+
+def _chosen(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The images a degradation applies to: each with probability DEGRADED_FRACTION."""
+    return torch.rand(n, generator=generator, device=generator.device if generator else "cpu") < DEGRADED_FRACTION
+
+
+def random_blur(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Gaussian blur (sigma in BLUR_SIGMA px, a 5x5 kernel, reflect borders) of a random half
+    of the images: one depthwise convolution over the batch, a kernel per image."""
+    b, c, h, w = x.shape
+    chosen, sigma = _chosen(b, generator), _uniform(b, BLUR_SIGMA, generator)
+    taps = torch.arange(-2, 3, dtype=torch.float32)
+    g = torch.exp(-(taps.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
+    g = g / g.sum(1, keepdim=True)  # [B, 5]
+    kernel = (g[:, :, None] * g[:, None, :]).to(x.device, x.dtype)  # [B, 5, 5]
+    kernel = kernel.repeat_interleave(c, 0).unsqueeze(1)  # [B*C, 1, 5, 5]
+    flat = F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="reflect" if min(h, w) > 2 else "replicate")
+    blurred = F.conv2d(flat, kernel, groups=b * c).view(b, c, h, w)
+    return torch.where(chosen.to(x.device).view(-1, 1, 1, 1), blurred, x)
+
+
+def random_resize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random half of the images scaled down to a square side of RESIZE_SCALE times theirs and
+    back to their own size, bilinear with antialiasing: the detail above the smaller size's
+    Nyquist frequency is gone, the layout is not."""
+    b, _, h, w = x.shape
+    chosen = _chosen(b, generator)
+    sizes = (_uniform(b, RESIZE_SCALE, generator) * min(h, w)).round().long().clamp(min=1)
+    out = x.clone()
+    for size in sizes[chosen].unique().tolist():
+        rows = (chosen & (sizes == size)).nonzero().flatten().to(x.device)
+        small = F.interpolate(x[rows], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[rows] = F.interpolate(small, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return out
+
+
+def random_jpeg(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A random half of the images re-encoded as JPEG (quality in JPEG_QUALITY, pillow's codec
+    with its default 4:2:0 chroma subsampling, an image at a time on the CPU): `x` is normalized
+    by `mean`/`std` (the loader's), so each image goes back to 8-bit pixels, is coded, decoded
+    and normalized again."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    b = len(x)
+    chosen, quality = _chosen(b, generator), _uniform(b, (JPEG_QUALITY[0], JPEG_QUALITY[1] + 1), generator)
+    rows = chosen.nonzero().flatten().tolist()
+    if not rows:
+        return x
+    m, s = mean.view(1, -1, 1, 1).to(x.device), std.view(1, -1, 1, 1).to(x.device)
+    pixels = ((x[rows].float() * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    decoded = []
+    for image, q in zip(pixels.permute(0, 2, 3, 1).cpu().numpy(), quality[rows].floor().tolist()):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=int(q))
+        decoded.append(np.asarray(Image.open(buffer).convert("RGB")))
+    coded = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(x.device, torch.float32) / 255.0
+    out = x.clone()
+    out[rows] = ((coded - m) / s).to(x.dtype)
+    return out
+
+
 def augment_batch(
     x: torch.Tensor,
     augmentations: Sequence[str],
@@ -117,9 +200,20 @@ def augment_batch(
     pad: int = 4,
     generator: torch.Generator | None = None,
     epoch: int | None = None,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply `augmentations` (from `parse_augment`) to a batch. With `epoch` given, flips are
-    alternating (derandomized) instead of random."""
+    """Apply `augmentations` (from `parse_augment`) to a batch: jpeg, resize, blur, flip, crop. With
+    `epoch` given, flips are alternating (derandomized) instead of random. jpeg needs the
+    loader's `mean` and `std` (the batch is normalized)."""
+    if "jpeg" in augmentations:
+        if mean is None or std is None:
+            raise ValueError("the jpeg augmentation needs the batch's mean and std")
+        x = random_jpeg(x, mean, std, generator)
+    if "resize" in augmentations:
+        x = random_resize(x, generator)
+    if "blur" in augmentations:
+        x = random_blur(x, generator)
     if "flip" in augmentations:
         x = alternating_flip(x, epoch) if epoch is not None else random_flip(x, generator)
     if "crop" in augmentations:

@@ -433,6 +433,48 @@ def test_augment_crop_and_flips():
     assert parse_augment("flip,crop") == ("crop", "flip") and parse_augment("none") == ()
 
 
+def _smooth_images(n: int = 32, size: int = 16):
+    """Normalized images (mean 0.5, std 0.5) with both smooth content and pixel noise."""
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 1, size)
+    base = (ramp.view(1, 1, -1, 1) * ramp.view(1, 1, 1, -1)).expand(n, 3, size, size)
+    pixels = (0.8 * base + 0.2 * torch.rand(n, 3, size, size, generator=gen)).clamp(0, 1)
+    return (pixels - 0.5) / 0.5
+
+
+def _high_frequency(x):
+    """Per-image energy of the differences between neighbouring pixels."""
+    return (x[..., 1:] - x[..., :-1]).pow(2).mean((1, 2, 3))
+
+
+def test_degrading_augmentations_take_a_seeded_half_and_remove_high_frequencies():
+    from fakecifar.augment import augment_batch, parse_augment, step_generator
+
+    x = _smooth_images()
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.5)
+    for name in ("blur", "resize", "jpeg"):
+        out = augment_batch(x, (name,), generator=step_generator(0, 0, 0), mean=mean, std=std)
+        again = augment_batch(x, (name,), generator=step_generator(0, 0, 0), mean=mean, std=std)
+        assert out.shape == x.shape and out.dtype == x.dtype and torch.equal(out, again)  # seeded
+        changed = (out - x).abs().flatten(1).amax(1) > 1e-4
+        assert 6 <= int(changed.sum()) <= 26, name  # about half of 32
+        assert torch.equal(out[~changed], x[~changed])  # the others untouched
+        assert (_high_frequency(out[changed]) < _high_frequency(x[changed])).all(), name
+        assert (out - x)[changed].abs().mean() < 0.5  # degraded, not destroyed
+    with pytest.raises(ValueError, match="mean and std"):
+        augment_batch(x, ("jpeg",), generator=step_generator(0, 0, 0))
+    assert parse_augment("blur,crop,jpeg") == ("crop", "jpeg", "blur")
+    with pytest.raises(Exception, match="crop,flip,jpeg,resize,blur"):
+        parse_augment("sharpen")
+
+
+def test_train_with_degrading_augmentations(cli, data, tmp_path):
+    out = tmp_path / "m.pt"
+    r = cli("train", data, *FAST, "--epochs", "1", "--augment", "crop,flip,jpeg,resize,blur", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert _state(out)[1]["train"]["args"]["augment"] == ["crop", "flip", "jpeg", "resize", "blur"]
+
+
 def test_whitening_init_whitens_patches():
     from fakecifar.models import build_model
     from fakecifar.train import whiten_init

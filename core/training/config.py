@@ -139,7 +139,9 @@ class TrainConfig:
         "--augment",
         default_factory=lambda: ["crop", "flip"],
         type=str,
-        help="Batch augmentation on tensors: crop,flip (pad-crop by --pad, horizontal flip), crop, flip or none. "
+        help="Batch augmentation on tensors, a comma-separated list or none: crop (pad-crop by --pad), flip "
+        "(horizontal), and three that destroy high-frequency detail, each on a random half of the images: jpeg "
+        "(re-encoded, quality 50-95), resize (down to 50-87.5% of the side and back), blur (Gaussian, sigma 0.4-1.2). "
         "Default: crop,flip.",
         normalize=_parse_augment,
         panel=AUGMENT,

@@ -61,6 +61,8 @@ class ShardBatches:
                 pad=self.pad,
                 generator=step_generator(self.seed, epoch, step),
                 epoch=epoch if self.alternate_flip else None,
+                mean=self.loader.mean,
+                std=self.loader.std,
             )
             yield x, dict(zip(columns, batch[1:]))
 
