@@ -196,9 +196,9 @@ def report_gates(checkpoint: Any, model_name: str, data: Any = None, images: Any
     """For a dynamic student (gated ResNet): log the delivered model's gate pattern, in eval mode
     on one batch of `data` (shards) or on `images` (normalized tensors): what the checkpoint
     holds (best or EMA weights), not the last training state. Nothing for other models."""
-    from fakecifar.models import MODELS, resolve_name
+    from fakecifar.models import model_spec
 
-    if not MODELS[resolve_name(model_name)].gated:
+    if not model_spec(model_name).gated:
         return
     from fakecifar.checkpoint import load_checkpoint
     from fakecifar.loader import BatchLoader

@@ -47,9 +47,10 @@ def run(
     if list_models:
         from tabulate import tabulate
 
-        from fakecifar.train import model_table
+        from fakecifar.train import model_table, modifier_lines
 
         emit(tabulate(model_table(), headers=["model", "params", "description"]))
+        emit("\n".join(modifier_lines()))
         return
     from fakecifar.errors import UsageError
     from fakecifar.training.settings import check_values, from_command_line

@@ -56,6 +56,7 @@ __all__ = [
     "gate_report",
     "is_gated",
     "list_models",
+    "model_spec",
     "normalize_name",
     "reparameterize",
     "resolve_name",
@@ -135,16 +136,18 @@ class ResNetCifar(nn.Module):
 
     block_type: type[BasicBlock] = BasicBlock  # a subclass swaps in its own (the gated ResNets)
 
-    def __init__(self, depth: int, num_classes: int = 10):
+    def __init__(
+        self, depth: int, num_classes: int = 10, stem_stride: int = 1, stage_strides: Sequence[int] = (1, 2, 2)
+    ):
         super().__init__()
         if (depth - 2) % 6:
             raise UsageError(f"ResNet-CIFAR depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(3, 16, 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         planes = 16
         layers = []
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
+        for width, stride in zip((16, 32, 64), stage_strides):
             blocks = []
             for i in range(n):
                 blocks.append(self.block_type(planes, width, stride if i == 0 else 1, shortcut="A"))
@@ -741,8 +744,8 @@ class ModelSpec:
 
 
 def _resnet_cifar(depth: int) -> Callable[..., nn.Module]:
-    def build(num_classes: int = 10) -> nn.Module:
-        return ResNetCifar(depth, num_classes)
+    def build(num_classes: int = 10, stem_stride: int = 1, stage_strides: Sequence[int] = (1, 2, 2)) -> nn.Module:
+        return ResNetCifar(depth, num_classes, int(stem_stride), tuple(int(v) for v in stage_strides))
 
     return build
 
@@ -846,6 +849,143 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+# ----------------------------------------------------------------------------- modifiers
+# `BASE+MODIFIER[+MODIFIER]` (e.g. resnet20+highpass) is BASE changed where a detector's signal
+# may live (issue 14's ablations): fixed-filter branches beside the RGB network, or where the
+# ResNet-CIFAR models downsample. The name is the architecture: checkpoints store it and rebuild
+# the same model; options (arch kwargs) are the base's.
+
+
+def _fixed_conv(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, groups: int = 1) -> torch.Tensor:
+    return F.conv2d(x, weight.to(x.dtype), stride=stride, padding=weight.shape[-1] // 2 * (stride == 1), groups=groups)
+
+
+class HighPassBranch(nn.Module):
+    """Fixed high-pass residuals of each input channel (a 4-neighbour Laplacian and horizontal
+    and vertical second differences, the SRM filters' simplest members), at full resolution,
+    then a small learned CNN: 9 maps -> 32 -> 32 (stride 2) -> 64 (stride 2) -> global pool."""
+
+    kernels: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        lap = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
+        horizontal = torch.tensor([[0.0, 0.0, 0.0], [-1.0, 2.0, -1.0], [0.0, 0.0, 0.0]])
+        kernels = torch.stack([lap, horizontal, horizontal.T]) / 4.0  # [3, 3, 3]
+        self.register_buffer("kernels", kernels.repeat(3, 1, 1).unsqueeze(1), persistent=False)  # [9, 1, 3, 3]
+        self.net = nn.Sequential(
+            _conv_bn(9, 32, 3), nn.ReLU(inplace=True), _conv_bn(32, 32, 3, stride=2), nn.ReLU(inplace=True),
+            _conv_bn(32, 64, 3, stride=2), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.num_features = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residuals = _fixed_conv(x, self.kernels, groups=3)  # 3 maps per input channel
+        return torch.flatten(F.adaptive_avg_pool2d(self.net(residuals), 1), 1)
+
+
+class DCTBranch(nn.Module):
+    """The magnitudes of each channel's 8x8 block DCT (JPEG's transform: generated images and
+    photos differ in how their energy spreads over its frequencies), log(1 + |c|), then a small
+    learned CNN over the blocks: 192 coefficient maps -> 64 (1x1) -> 64 (3x3) -> global pool."""
+
+    BLOCK = 8
+    filters: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        n = self.BLOCK
+        k = torch.arange(n, dtype=torch.float64)
+        basis = torch.cos(torch.pi * (2 * k.view(1, -1) + 1) * k.view(-1, 1) / (2 * n))  # [freq, pos]
+        basis = basis * torch.where(k == 0, (1 / n) ** 0.5, (2 / n) ** 0.5).view(-1, 1)  # orthonormal
+        filters = (basis[:, None, :, None] * basis[None, :, None, :]).reshape(n * n, 1, n, n).float()
+        self.register_buffer("filters", filters.repeat(3, 1, 1, 1), persistent=False)  # [192, 1, 8, 8]
+        self.net = nn.Sequential(
+            _conv_bn(3 * n * n, 64, 1), nn.ReLU(inplace=True), _conv_bn(64, 64, 3), nn.ReLU(inplace=True)
+        )
+        self.num_features = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.BLOCK
+        coefficients = _fixed_conv(x, self.filters, stride=n, groups=3)  # n*n maps per input channel
+        return torch.flatten(F.adaptive_avg_pool2d(self.net(torch.log1p(coefficients.abs())), 1), 1)
+
+
+class BranchNet(nn.Module):
+    """`body` (a model of this zoo, its own classifier removed) with branches beside it that see
+    the same input; their pooled features are concatenated before one linear classifier."""
+
+    body: Any  # a zoo model: forward_features, num_features
+
+    def __init__(self, body: nn.Module, branches: Sequence[nn.Module], num_classes: int):
+        super().__init__()
+        self.body = body
+        self.body.linear = nn.Identity()  # unused: its parameters would get no gradient (DDP)
+        self.branches = nn.ModuleList(branches)
+        widths = [int(getattr(m, "num_features")) for m in (body, *branches)]  # noqa: B009 (typed Any)
+        self.num_features = sum(widths)
+        self.linear = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.body.forward_features(x), *(branch(x) for branch in self.branches)], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
+BRANCHES: dict[str, type[nn.Module]] = {"highpass": HighPassBranch, "dct": DCTBranch}
+# Downsampling changes of the ResNet-CIFAR models: their builder arguments.
+DOWNSAMPLING: dict[str, dict[str, Any]] = {
+    "stem2": {"stem_stride": 2},  # early downsampling: 16x16 from the first conv on
+    "hires": {"stage_strides": (1, 1, 2)},  # full resolution through stage 2: one downsampling
+}
+MODIFIERS = {
+    "highpass": "a fixed high-pass branch (Laplacian, second differences) beside RGB",
+    "dct": "a fixed 8x8 block-DCT magnitude branch beside RGB",
+    "stem2": "ResNet-CIFAR: a stride-2 first conv (early downsampling)",
+    "hires": "ResNet-CIFAR: no downsampling before stage 3",
+}
+
+
+def _modified_spec(base: ModelSpec, modifiers: Sequence[str]) -> ModelSpec:
+    accepts = inspect.signature(base.builder).parameters
+    for m in modifiers:
+        if m in DOWNSAMPLING and not set(DOWNSAMPLING[m]) <= set(accepts):
+            raise UsageError(f"model modifier +{m} applies to the ResNet-CIFAR models, not {base.name}")
+    if base.reparameterizable or base.gated or base.name == "pca-logreg":
+        raise UsageError(f"model {base.name} takes no modifiers", "use a plain CNN, e.g. resnet20+highpass")
+    fixed = {k: v for m in modifiers for k, v in DOWNSAMPLING.get(m, {}).items()}
+    branches = [m for m in modifiers if m in BRANCHES]
+
+    @functools.wraps(base.builder)  # its signature: the base's options
+    def build(num_classes: int = 10, **kwargs: Any) -> nn.Module:
+        model = base.builder(num_classes=num_classes, **{**kwargs, **fixed})
+        return BranchNet(model, [BRANCHES[b]() for b in branches], num_classes) if branches else model
+
+    name = "+".join([base.name, *modifiers])
+    description = base.description + "; " + "; ".join(MODIFIERS[m] for m in modifiers)
+    return ModelSpec(name, build, description, base.input_size)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The ModelSpec of a registered name or of `BASE+MODIFIER...` (see MODIFIERS)."""
+    base, *modifiers = str(name).split("+")
+    spec = MODELS[resolve_name(base)]
+    if not modifiers:
+        return spec
+    chosen = []
+    for m in modifiers:
+        key = m.strip().lower()
+        if key not in MODIFIERS:
+            raise UsageError(f"unknown model modifier {m!r} in {name!r}", "available: " + ", ".join(MODIFIERS))
+        if key in chosen:
+            raise UsageError(f"model modifier +{key} is given twice in {name!r}")
+        chosen.append(key)
+    if {"stem2", "hires"} <= set(chosen):
+        raise UsageError("+stem2 and +hires change the same downsampling: give one")
+    return _modified_spec(spec, chosen)
+
+
 def normalize_name(name: str) -> str:
     """Case, '-' and '_' do not matter: 'ResNet-20', 'wrn_16_2', 'RepVGG-A0' all resolve."""
     return name.lower().replace("-", "").replace("_", "").replace(" ", "")
@@ -860,7 +1000,10 @@ def list_models() -> list[str]:
 
 
 def resolve_name(name: str) -> str:
-    """The registered name for `name`, or UsageError naming the closest matches."""
+    """The registered name for `name` (with its +modifiers, canonical), or UsageError naming
+    the closest matches."""
+    if "+" in str(name):
+        return model_spec(name).name
     found = _BY_KEY.get(normalize_name(name))
     if found is not None:
         return found
@@ -873,8 +1016,9 @@ def resolve_name(name: str) -> str:
 
 
 def build_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
-    """A freshly initialised model `name` with `num_classes` outputs (train mode)."""
-    spec = MODELS[resolve_name(name)]
+    """A freshly initialised model `name` (a registered name, or one with +modifiers) with
+    `num_classes` outputs (train mode)."""
+    spec = model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}")
     params = inspect.signature(spec.builder).parameters

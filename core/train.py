@@ -49,7 +49,7 @@ from .checkpoint import _torch_load, export_onnx, load_checkpoint
 from .errors import BadCheckpointError, OutputExistsError, UsageError, write_error
 from .evaluate import check_target, make_targets, needed_columns, target_classes
 from .loader import ROW, BatchLoader
-from .models import MODELS, build_model, resolve_name
+from .models import build_model, model_spec
 from .outputs import check_output_path
 from .shards import ShardSet, row_sha256
 from .text import format_classes
@@ -588,7 +588,7 @@ def _model(
 ) -> nn.Module:
     """`config.model` for this data; a `fresh` one (not resumed) gets its data-derived start:
     the whitened stem (--whiten) or the fitted part (pca-logreg's PCA basis)."""
-    if "input_size" in inspect.signature(MODELS[resolve_name(config.model)].builder).parameters:
+    if "input_size" in inspect.signature(model_spec(config.model).builder).parameters:
         # Models whose shape depends on the image size (pca-logreg) are built for this data.
         config.arch_kwargs.setdefault("input_size", list(data.image_size))
     model = build_model(config.model, num_classes, **config.arch_kwargs)
@@ -643,3 +643,11 @@ def model_table() -> list[list[str]]:
     for name, spec in MODELS.items():
         rows.append([name, f"{spec.param_count(10) / 1e6:.2f}M", spec.description])
     return rows
+
+
+def modifier_lines() -> list[str]:
+    """The MODEL+MODIFIER variants, for `train --list-models` under the table."""
+    from .models import MODIFIERS
+
+    lines = ["", "Modifiers (MODEL+MODIFIER, e.g. resnet20+highpass; several may follow one another):"]
+    return lines + [f"  +{name:<9} {text}" for name, text in MODIFIERS.items()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -118,7 +119,9 @@ def test_bad_options_are_usage_errors() -> None:
         build_model("resnet20", 0)
     with pytest.raises(UsageError, match="width") as info:
         build_model("resnet20", 10, width=2)
-    assert "none" in str(info.value)
+    assert "stem_stride, stage_strides" in str(info.value)  # what +stem2 / +hires set
+    with pytest.raises(UsageError, match="none"):
+        build_model("vgg8", 10, width=2)
     with pytest.raises(UsageError, match="deploy"):
         build_model("wrn-16-1", 10, deploy=True)
     assert build_model("wrn-16-1", 10, dropout=0.3) is not None
@@ -154,3 +157,58 @@ def test_reparameterize_is_a_no_op_elsewhere() -> None:
         assert torch.equal(model(x), before)
     assert list(model.state_dict()) == keys
     assert not hasattr(model, "deploy")
+
+
+@pytest.mark.parametrize("name", ["resnet20+highpass", "resnet20+dct", "resnet20+stem2", "resnet20+hires",
+                                  "wrn-16-1+dct+highpass", "ResNet-20+HighPass"])  # fmt: skip
+def test_modified_models_forward_and_keep_the_base_options(name: str) -> None:
+    from fakecifar.models import resolve_name
+
+    model: Any = calibrate_bn(build_model(name, num_classes=2))
+    assert model(torch.rand(3, 3, 32, 32)).shape == (3, 2)
+    assert model.forward_features(torch.rand(3, 3, 32, 32)).shape == (3, model.num_features)
+    assert resolve_name(name) == resolve_name(resolve_name(name))  # canonical, stable
+    # The name alone rebuilds the same architecture (checkpoints store only it).
+    assert build_model(resolve_name(name), 2).state_dict().keys() == model.state_dict().keys()
+
+
+def test_branches_see_fixed_high_frequency_filters() -> None:
+    from fakecifar.models import DCTBranch, HighPassBranch
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    dct: Any = DCTBranch()
+    coefficients = torch.nn.functional.conv2d(x, dct.filters, stride=8, groups=3)
+    assert coefficients.shape == (2, 192, 2, 2)
+    assert torch.allclose(coefficients.pow(2).sum(), x.pow(2).sum(), rtol=1e-4)  # orthonormal: Parseval
+    hp: Any = HighPassBranch()
+    flat = torch.nn.functional.conv2d(torch.full((1, 3, 8, 8), 0.7), hp.kernels, padding=1, groups=3)
+    assert flat[..., 1:-1, 1:-1].abs().max() < 1e-6  # a constant image has no high frequencies
+    assert not [k for k in build_model("resnet20+dct+highpass", 2).state_dict() if "filters" in k or "kernels" in k]
+
+
+def test_downsampling_modifiers_change_the_resolution() -> None:
+    sizes = {}
+    for name in ("resnet20", "resnet20+stem2", "resnet20+hires"):
+        model: Any = build_model(name, 2).eval()
+        seen: list[int] = []
+        model.layer2.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.shape[-1]))
+        with torch.no_grad():
+            model(torch.rand(1, 3, 32, 32))
+        sizes[name] = seen[0]
+    assert sizes == {"resnet20": 16, "resnet20+stem2": 8, "resnet20+hires": 32}
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("resnet20+sharpen", "unknown model modifier 'sharpen'"),
+        ("vgg8+stem2", "applies to the ResNet-CIFAR models"),
+        ("resnet20+dct+dct", "given twice"),
+        ("resnet20+stem2+hires", "give one"),
+        ("repvgg-a0+dct", "takes no modifiers"),
+        ("resnet21+dct", "unknown model 'resnet21'"),
+    ],
+)
+def test_bad_modifiers_are_usage_errors(name: str, message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        build_model(name, 2)

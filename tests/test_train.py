@@ -80,6 +80,25 @@ def test_train_writes_pt_and_onnx_and_logs(cli, data, tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_modified_model_trains_exports_and_reloads(cli, data, tmp_path):
+    from fakecifar.checkpoint import OnnxClassifier, load_checkpoint
+
+    out = tmp_path / "m.pt"
+    result = cli("train", data, *FAST, "--model", "resnet20+dct+highpass", "--epochs", "1", "--whiten", "-o", out,
+                 "--onnx")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    model, meta = load_checkpoint(out)
+    assert meta["arch"] == "resnet20+dct+highpass"
+    x01 = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    mean, std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch_logits = model((torch.from_numpy(x01) - mean) / std).numpy()
+    assert np.allclose(OnnxClassifier(tmp_path / "m.onnx").predict_logits(x01), torch_logits, atol=1e-4)
+    bad = cli("train", data, *FAST, "--model", "resnet20+sharpen", "-o", tmp_path / "n.pt")
+    assert bad.exit_code == 2
+    one_error_line(bad, "sharpen", "highpass")
+
+
 def test_unknown_model_is_a_usage_error(cli, data, tmp_path):
     result = cli("train", data, "--model", "resnet21", "-o", tmp_path / "m.pt")
     assert result.exit_code == 2

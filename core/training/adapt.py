@@ -330,10 +330,10 @@ def _has_batchnorm(config: TrainConfig, data: ShardSet) -> bool:
     import inspect
 
     from ..evaluate import target_classes
-    from ..models import MODELS, build_model, resolve_name
+    from ..models import build_model, model_spec
 
     kwargs = dict(config.arch_kwargs)
-    if "input_size" in inspect.signature(MODELS[resolve_name(config.model)].builder).parameters:
+    if "input_size" in inspect.signature(model_spec(config.model).builder).parameters:
         kwargs.setdefault("input_size", list(data.image_size))
     model = build_model(config.model, len(target_classes(data.classes, config.target)), **kwargs)
     return bool(batchnorm_layers(model))
