@@ -61,6 +61,23 @@ def run(
         show_default=False,
         rich_help_panel=SCORING,
     ),
+    dynamics: Path = typer.Option(
+        None,
+        "--dynamics",
+        metavar="FILE",
+        help="aum, forgetting, el2n: read what `train --dynamics FILE` recorded on these shards instead of "
+        "training a proxy.",
+        show_default=False,
+        rich_help_panel=SCORING,
+    ),
+    snapshots: Path = typer.Option(
+        None,
+        "--snapshots",
+        metavar="DIR",
+        help="tracin: use the per-epoch weights `train --snapshots DIR` wrote instead of training a proxy.",
+        show_default=False,
+        rich_help_panel=SCORING,
+    ),
     folds: int = typer.Option(
         DEFAULT_FOLDS, "--folds", help="confident: proxies trained, each on the other folds.", rich_help_panel=SCORING
     ),
@@ -122,6 +139,8 @@ def run(
             val=val_data,
             model=model,
             scores_file=scores,
+            dynamics=dynamics,
+            snapshots=snapshots,
             proxy=proxy,
             folds=folds,
             damping=damping,

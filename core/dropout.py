@@ -513,6 +513,8 @@ def dropout(
     val: ShardSet | None = None,
     model: str | os.PathLike | None = None,
     scores_file: str | os.PathLike | None = None,
+    dynamics: str | os.PathLike | None = None,
+    snapshots: str | os.PathLike | None = None,
     proxy: ProxySpec | None = None,
     folds: int = DEFAULT_FOLDS,
     damping: float = DEFAULT_DAMPING,
@@ -567,8 +569,10 @@ def dropout(
                 f"--scores {scores_file} holds {given_scores.method} scores, not {method}",
                 "drop --score (the file says the method)",
             )
-        if model is not None or proxy.given():
-            raise UsageError("--scores reads scores: --model and --proxy-* would score again", "drop them")
+        if model is not None or proxy.given() or dynamics is not None or snapshots is not None:
+            raise UsageError(
+                "--scores reads scores: --model, --dynamics, --snapshots and --proxy-* would score again", "drop them"
+            )
         hashes = row_sha256(data)
         check_scores_match(scores_file, header, arrays, data, hashes, labels)
         loaded = (given_scores, header)
@@ -591,6 +595,8 @@ def dropout(
             on_message=on_message,
             on_epoch=on_epoch,
             on_step=on_step,
+            dynamics=Path(dynamics) if dynamics is not None else None,
+            snapshots=Path(snapshots) if snapshots is not None else None,
         )
         check_request(scorer, req)
 
@@ -612,6 +618,9 @@ def dropout(
             scoring["device"] = device
             if model is None:
                 scoring["proxy"] = proxy.resolved()
+        for kind, path in (("dynamics", dynamics), ("snapshots", snapshots)):
+            if path is not None:
+                scoring[kind] = str(Path(path).resolve())
         if scorer.folds and model is None:
             scoring["folds"] = folds
         if scorer.name == "influence":

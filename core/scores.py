@@ -137,6 +137,10 @@ class ScoreRequest:
     seed: int = 0
     device: str = "auto"
     work_dir: Path | None = None  # proxies and fold data; resumable; None: a temporary directory
+    # What an earlier `train --dynamics FILE` / `--snapshots DIR` recorded on these rows, read
+    # instead of training a proxy (aum, forgetting, el2n / tracin).
+    dynamics: Path | None = None
+    snapshots: Path | None = None
     on_message: Callable[[str], None] | None = None
     on_epoch: Callable[[dict], None] | None = None
     on_step: Callable[[int], None] | None = None
@@ -191,21 +195,45 @@ def get_scorer(name: str) -> Scorer:
     return scorer
 
 
+RECORDS = {"dynamics": ("aum", "forgetting", "el2n"), "snapshots": ("tracin",)}
+
+
+def _record_given(req: ScoreRequest) -> tuple[str, Path] | None:
+    given = [(kind, path) for kind, path in (("dynamics", req.dynamics), ("snapshots", req.snapshots)) if path]
+    return given[0] if given else None
+
+
 def check_request(scorer: Scorer, req: ScoreRequest) -> None:
     """Everything a scorer would refuse, checked before any work (and before any output exists)."""
     if scorer.needs_val and req.val is None:
         raise UsageError(f"--score {scorer.name} needs --val", "give validation shards (never the test set)")
+    if req.dynamics is not None and req.snapshots is not None:
+        raise UsageError("--dynamics and --snapshots feed different methods: give one")
+    record = _record_given(req)
+    if record is not None:
+        kind, path = record
+        if scorer.name not in RECORDS[kind]:
+            raise UsageError(
+                f"--{kind} is read by --score {'/'.join(RECORDS[kind])}, not {scorer.name}", f"drop --{kind}"
+            )
+        if req.model is not None or req.proxy.given():
+            raise UsageError(
+                f"--{kind} {path} replaces the proxy: --model and --proxy-* would train or read another",
+                "drop them",
+            )
+        check_record(kind, path, req)
     if scorer.trains_proxy and req.model is not None:
+        flag = "--snapshots" if scorer.name == "tracin" else "--dynamics"
         raise UsageError(
-            f"--score {scorer.name} reads how a proxy trained (train --dynamics / --snapshots): it trains its own",
-            "drop --model (--proxy-* set the proxy)",
+            f"--score {scorer.name} reads how a model trained, not a checkpoint: it trains its own proxy",
+            f"drop --model (--proxy-* set the proxy), or give {flag} of a `train {flag}` run on these shards",
         )
     if not scorer.uses_model and not scorer.trains_proxy:
         if req.model is not None:
             raise UsageError(f"--score {scorer.name} uses no model: drop --model")
         if req.proxy.given():
             raise UsageError(f"--score {scorer.name} trains no proxy: drop {', '.join(req.proxy.given())}")
-    elif req.model is not None and req.proxy.given():
+    elif record is None and req.model is not None and req.proxy.given():
         raise UsageError(
             f"{', '.join(req.proxy.given())} describe a proxy to train, but --model {req.model} is given",
             "drop --model to train a proxy, or drop the --proxy-* options",
@@ -214,7 +242,7 @@ def check_request(scorer: Scorer, req: ScoreRequest) -> None:
         raise UsageError(f"--damping must be a non-negative number, got {req.damping}")
     if scorer.folds and req.model is None and req.folds < 2:
         raise UsageError(f"--folds must be at least 2, got {req.folds}")
-    if (scorer.uses_model or scorer.trains_proxy) and req.model is None:
+    if (scorer.uses_model or scorer.trains_proxy) and req.model is None and record is None:
         req.proxy.config(seed=req.seed, device=req.device)  # refuses bad --proxy-* values now
     if scorer.uses_model and req.model is not None:
         meta = check_model_file(req.model, req.data)
@@ -227,6 +255,36 @@ def check_request(scorer: Scorer, req: ScoreRequest) -> None:
                     "in-sample, and confident learning needs out-of-sample ones",
                     "drop --model (k-fold proxies are trained), or give a model trained on other images",
                 )
+
+
+def check_record(kind: str, path: Path, req: ScoreRequest) -> None:
+    """An earlier training's record must be readable and about these rows: a dynamics file's
+    row hashes are the data's (same images, same order); snapshots are checkpoints of the data's
+    classes."""
+    if kind == "dynamics":
+        from .shards import row_sha256
+        from .training.dynamics import read_dynamics
+
+        try:
+            d = read_dynamics(path)
+        except (OSError, KeyError) as exc:
+            raise UsageError(
+                f"--dynamics {path}: not a record written by train --dynamics ({exc})", "give that file"
+            ) from None
+        if d.sha256.shape != (len(req.data),) or not bool((d.sha256 == row_sha256(req.data)).all()):
+            raise UsageError(
+                f"--dynamics {path} was recorded on other images ({len(d.sha256):,} rows; these shards have "
+                f"{len(req.data):,}, or they differ by pixel hash or order)",
+                "give the record of a `train --dynamics` run on exactly these shards",
+            )
+        if int(d.meta.get("epochs", 0)) < 1:
+            raise UsageError(f"--dynamics {path} holds no finished epoch", "let its training run an epoch or more")
+        return
+    files = sorted(Path(path).glob("epoch-*.pt")) if Path(path).is_dir() else []
+    if not files:
+        raise UsageError(f"--snapshots {path}: no epoch-*.pt in it", "give the directory of a train --snapshots run")
+    for file in files:
+        check_model_file(file, req.data)
 
 
 def _resolved(path: str | os.PathLike) -> str:
@@ -736,6 +794,9 @@ def _proxy_records(req: ScoreRequest, kind: str) -> tuple[Path, Path, dict]:
     """Train (or reuse, or finish) the proxy of a training-dynamics method in the work directory,
     recording its `kind` ("dynamics": the per-row record; "snapshots": every epoch's weights).
     Returns (the proxy, the record, the cost)."""
+    given = _record_given(req)
+    if given is not None and given[0] == kind:
+        return Path(), given[1], {"models_trained": 0, "training_epochs": 0, "record": str(given[1])}
     assert req.work_dir is not None
     work = req.work_dir / kind
     _work_key(work, {"method": kind, **_run_key(req)})
@@ -781,7 +842,8 @@ def _dynamics_scores(req: ScoreRequest, method: str, values_of: Callable) -> Sco
     d = read_dynamics(record)
     values = np.asarray(values_of(d), dtype=np.float64)
     cost["extra_passes"] = 0  # recorded from the proxy's own training steps
-    details = {"epochs": int(d.margin.shape[0]), "proxy": req.proxy.resolved()}
+    details = {"epochs": int(d.margin.shape[0])}
+    details.update({"record": str(req.dynamics)} if req.dynamics else {"proxy": req.proxy.resolved()})
     predicted = np.full(len(values), -1, np.int64)
     return Scores(method, values, predicted, details, cost)
 
@@ -864,7 +926,8 @@ def tracin(req: ScoreRequest) -> Scores:
         values -= lr * np.einsum("nc,cd,nd->n", r, g_val, _augmented(phi))
     cost["snapshots"] = len(files)
     cost["forward_images"] = int(len(files) * (len(req.data) + len(req.val)))
-    details = {"snapshots": len(files), "proxy": req.proxy.resolved()}
+    details: dict[str, Any] = {"snapshots": len(files)}
+    details.update({"record": str(req.snapshots)} if req.snapshots else {"proxy": req.proxy.resolved()})
     return Scores("tracin", values, np.full(len(values), -1, np.int64), details, cost)
 
 

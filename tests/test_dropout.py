@@ -535,3 +535,52 @@ def test_training_dynamics_methods_refuse_a_model(cli, toy, tmp_path):
     out = tmp_path / "kept"
     result = cli("dropout", toy["train"], "--score", "aum", "--model", model, "--drop", "2", "-o", out)
     assert result.exit_code == 2 and "trains its own" in result.stderr and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def recorded(toy, tmp_path_factory):
+    """One training on the toy with the proxy's recipe (PROXY), recording --dynamics and
+    --snapshots as `train` does."""
+    from fakecifar.shards import open_shards
+    from fakecifar.train import make_config, train
+
+    root = tmp_path_factory.mktemp("recorded")
+    config = make_config(model="resnet20", epochs=8, batch_size=16, lr=0.05, device="cpu", seed=0)
+    train(open_shards([toy["train"]]), root / "m.pt", config, dynamics=root / "dyn.h5", snapshots=root / "snaps")
+    return {"dynamics": root / "dyn.h5", "snapshots": root / "snaps", "model": root / "m.pt"}
+
+
+@pytest.mark.parametrize("method", ["aum", "el2n", "tracin"])
+def test_scores_from_an_earlier_trainings_record_train_nothing(cli, toy, recorded, tmp_path, method):
+    """Train once with --dynamics/--snapshots, score with any of their methods: no proxy."""
+    out = tmp_path / "kept"
+    record = ["--snapshots", recorded["snapshots"], "--val", toy["val"]] if method == "tracin" else [
+        "--dynamics", recorded["dynamics"]]  # fmt: skip
+    result = cli("dropout", toy["train"], "--score", method, *record, "--drop", N_FLIPPED, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["cost"]["models_trained"] == 0 and summary["cost"]["training_epochs"] == 0
+    assert _precision(out, toy["flipped"]) >= (0.3 if method == "tracin" else 0.5), method
+    # the same scores as the proxy that trains the same recipe here (training is deterministic)
+    again = tmp_path / "again"
+    val = ["--val", toy["val"]] if method == "tracin" else []
+    assert cli("dropout", toy["train"], "--score", method, *val, "--drop", N_FLIPPED, "-o", again, *PROXY,
+               "--keep-scores").exit_code == 0  # fmt: skip
+    assert _dropped_rows(out) == _dropped_rows(again)
+
+
+def test_records_of_other_images_or_methods_are_refused(cli, toy, recorded, tmp_path, make_shard):
+    out = tmp_path / "kept"
+    other = make_shard("other.h5", n=N_TRAIN, classes=CLASSES3)
+    dyn = recorded["dynamics"]
+    _refused(cli, toy, out, other, "--score", "aum", "--dynamics", dyn, "--drop", 2, "-o", out,
+             needles=(str(dyn), "recorded on other images"))  # fmt: skip
+    _refused(cli, toy, out, toy["train"], "--score", "influence", "--dynamics", dyn, "--val", toy["val"],
+             "--drop", 2, "-o", out, needles=("--dynamics is read by --score aum/forgetting/el2n",))  # fmt: skip
+    _refused(cli, toy, out, toy["train"], "--score", "aum", "--dynamics", dyn, "--proxy-epochs", 2, "--drop", 2,
+             "-o", out, needles=("replaces the proxy",))  # fmt: skip
+    _refused(cli, toy, out, toy["train"], "--score", "aum", "--dynamics", toy["model"], "--drop", 2, "-o", out,
+             needles=("not a record written by train --dynamics",))  # fmt: skip
+    _refused(cli, toy, out, toy["train"], "--score", "tracin", "--val", toy["val"], "--snapshots", tmp_path,
+             "--drop", 2, "-o", out, needles=("no epoch-*.pt",))  # fmt: skip
+    assert not out.exists()
