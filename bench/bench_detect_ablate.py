@@ -28,7 +28,7 @@ FAKECIFAR = [sys.executable, "-m", "fakecifar"]
 BASE = "--model resnet20 --schedule onecycle --lr 0.2 --batch-size 256 --augment crop,flip --precision fp32"
 
 # name: (what changes, train options replacing the base's where they overlap)
-ARMS: dict[str, tuple[str, str]] = {
+ARMS: dict[str, tuple[str, str | None]] = {
     "base": ("resnet20, crop+flip, one-cycle lr 0.2, batch 256", ""),
     "stem2": ("early downsampling: stride-2 first conv", "--model resnet20+stem2"),
     "hires": ("no downsampling before stage 3", "--model resnet20+hires"),

@@ -842,7 +842,7 @@ def _dynamics_scores(req: ScoreRequest, method: str, values_of: Callable) -> Sco
     d = read_dynamics(record)
     values = np.asarray(values_of(d), dtype=np.float64)
     cost["extra_passes"] = 0  # recorded from the proxy's own training steps
-    details = {"epochs": int(d.margin.shape[0])}
+    details: dict[str, Any] = {"epochs": int(d.margin.shape[0])}
     details.update({"record": str(req.dynamics)} if req.dynamics else {"proxy": req.proxy.resolved()})
     predicted = np.full(len(values), -1, np.int64)
     return Scores(method, values, predicted, details, cost)
