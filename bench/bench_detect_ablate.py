@@ -86,11 +86,11 @@ def run_arm(name: str, seed: int, data: Path, val: Path, ns: argparse.Namespace,
     if result.exists():
         return json.loads(result.read_text())
     result.parent.mkdir(parents=True, exist_ok=True)
-    source = name if ARMS[name][1] is not None else "base"
-    model = out / "runs" / f"{source}-s{seed}.pt"
+    change = ARMS[name][1]
+    model = out / "runs" / f"{name if change is not None else 'base'}-s{seed}.pt"
     seconds = None
-    if ARMS[name][1] is not None:
-        options = merged(BASE, ARMS[name][1]) + ["--epochs", str(ns.epochs), "--threads", str(ns.threads)]
+    if change is not None:
+        options = merged(BASE, change) + ["--epochs", str(ns.epochs), "--threads", str(ns.threads)]
         cmd = [*FAKECIFAR, "train", str(data), "--target", "origin", *options, "--seed", str(seed), "-o", str(model)]
         print("$", shlex.join(cmd), file=sys.stderr, flush=True)
         start = time.monotonic()
