@@ -7,7 +7,8 @@ same seeds, scored on a validation subset; writes ablate.md and ablate.json unde
 
 Both subsets come from `make detector`'s *training* split (seeded `fakecifar split`s of it): the
 held-out split the detector is finally measured on is never trained on, scored or selected on
-here. Every arm trains `--target origin` for --epochs at the base recipe's schedule; the width
+here. Every arm trains `--target origin` for the same --epochs at the base recipe's schedule
+(equal epochs, not equal compute: +hires, wide and deep cost ~2.5x, see the seconds); the width
 vs depth arms compare models of about equal FLOPs (wrn-16-2 vs resnet56); `tta` scores the base
 models with flip test-time augmentation. Outputs are kept: a rerun skips what is done.
 """
@@ -21,8 +22,10 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+from common import complete, stamp
 
 FAKECIFAR = [sys.executable, "-m", "fakecifar"]
 BASE = "--model resnet20 --schedule onecycle --lr 0.2 --batch-size 256 --augment crop,flip --precision fp32"
@@ -68,20 +71,21 @@ def subsets(ns: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     train_split = Path(ns.split) / "train"
     total = int(json.loads((train_split / "manifest.json").read_text())["images"])
     cut = out / "cut"
-    if not (cut / "val" / "manifest.json").exists():
+    if not complete(cut / "val"):
         # val part of a first split = the ablation's training images; of a second, its val images
         share = ns.train_images + ns.val_images
         rest = max(1, total - share)
         cmd = [*FAKECIFAR, "split", str(train_split), "--ratio", f"{rest}:{share}", "--seed", "11", "-o", str(cut)]
         subprocess.run([*cmd, "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     parts = out / "parts"
-    if not (parts / "val" / "manifest.json").exists():
+    if not complete(parts / "val"):
         cmd = [*FAKECIFAR, "split", str(cut / "val"), "--ratio", f"{ns.train_images}:{ns.val_images}", "--seed", "12"]
         subprocess.run([*cmd, "-o", str(parts), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     return parts / "train", parts / "val"
 
 
-def run_arm(name: str, seed: int, data: Path, val: Path, ns: argparse.Namespace, out: Path) -> dict:
+def run_arm(name: str, seed: int, data: Path, val: Path, ns: argparse.Namespace, out: Path, base=None) -> dict:
+    """Train the arm (or, for tta, wait for `base`, the base arm's future) and score it on `val`."""
     result = out / "runs" / f"{name}-s{seed}.json"
     if result.exists():
         return json.loads(result.read_text())
@@ -98,8 +102,7 @@ def run_arm(name: str, seed: int, data: Path, val: Path, ns: argparse.Namespace,
             subprocess.run([*cmd, "--overwrite"], check=True, stdout=log, stderr=subprocess.STDOUT)
         seconds = time.monotonic() - start
     else:
-        while not (out / "runs" / f"base-s{seed}.json").exists():  # the base run writes the model
-            time.sleep(5)
+        base.result()  # the base arm's model; raises if it failed
     cmd = [*FAKECIFAR, "eval", str(model), "--on", str(val), "--json", "--threads", str(ns.threads)]
     lines = subprocess.run(cmd + (["--tta"] if name == "tta" else []), capture_output=True, text=True, check=True)
     metrics = json.loads(lines.stdout.splitlines()[0])
@@ -124,16 +127,23 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ns = ap.parse_args()
     out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stamp(out, {k: v for k, v in vars(ns).items() if k not in ("jobs", "threads", "seeds", "arms")})
     data, val = subsets(ns, out)
     arms = ns.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         sys.exit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
     seeds = [int(s) for s in ns.seeds.split(",")]
+    if "tta" in arms and "base" not in arms:
+        sys.exit("the tta arm scores the base arm's models: add base to --arms")
     order = sorted(arms, key=lambda a: (a != "base", a == "tta"))  # base first, tta (which waits) last
+    # Submitted in order, so a tta job waits only for a base job the pool has already started.
     with ThreadPoolExecutor(max_workers=ns.jobs) as pool:
-        jobs = {(a, s): pool.submit(run_arm, a, s, data, val, ns, out) for s in seeds for a in order}
+        jobs: dict[tuple[str, int], Future] = {}
+        for s in seeds:
+            for a in order:
+                waits = jobs.get(("base", s)) if a == "tta" else None
+                jobs[(a, s)] = pool.submit(run_arm, a, s, data, val, ns, out, waits)
     results = {key: job.result() for key, job in jobs.items()}
     base = [results[("base", s)]["val_top1"] for s in seeds] if "base" in arms else []
     base_mean = statistics.fmean(base) if base else None
@@ -141,7 +151,7 @@ def main() -> None:
         f"`train --target origin {BASE} --epochs {ns.epochs}` + the arm's change; {ns.train_images:,} training and "
         f"{ns.val_images:,} validation images, both from {ns.split}/train; seeds {ns.seeds}; mean ± sample std",
         "",
-        "| arm | change | params | val accuracy | vs base | train seconds (1 thread) |",
+        f"| arm | change | params | val accuracy | vs base | train s ({ns.threads} thread(s), {ns.jobs} job(s)) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for arm in arms:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from fakecifar.shards import open_shards
 
-from common import line_chart
+from common import complete, finished, line_chart, stamp
 
 FAKECIFAR = [sys.executable, "-m", "fakecifar"]
 PRINT_LOCK = threading.Lock()
@@ -51,14 +51,20 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({done.returncode}): {shlex.join(cmd)}; see {log}")
 
 
-def evaluate(model: Path, test: list[str], val: list[str]) -> dict:
-    """Top-1 of `model` on the real test photos (reported only) and on held-out generated images."""
+def top1(model: Path, shards: list[str]) -> float:
+    """Top-1 of `model` over all of `shards` (eval prints a line per dataset: image-weighted)."""
     evaluated = subprocess.run(
-        [*FAKECIFAR, "eval", str(model), "--on", *test, *val, "--json", "--threads", "1"],
+        [*FAKECIFAR, "eval", str(model), "--on", *shards, "--json", "--threads", "1"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     lines = [json.loads(line) for line in evaluated.stdout.splitlines() if line.strip()]
-    return {"test_top1": lines[0]["top1"], "val_top1": lines[-1]["top1"]}
+    assert len(lines) == len(shards), evaluated.stdout
+    return sum(r["top1"] * r["images"] for r in lines) / sum(r["images"] for r in lines)
+
+
+def evaluate(model: Path, test: list[str], val: list[str]) -> dict:
+    """Top-1 of `model` on the real test photos (reported only) and on held-out generated images."""
+    return {"test_top1": top1(model, test), "val_top1": top1(model, val)}
 
 
 class Bench:
@@ -82,7 +88,8 @@ class Bench:
         log = self.out / "logs" / f"{name}.log"
         start = time.monotonic()
         cmd = [*FAKECIFAR, "train", *data, *self.recipe, "--seed", str(seed), "-o", str(model)]
-        run(cmd + (["--resume", str(model)] if model.exists() else ["--overwrite"]), log)
+        if not finished(model):  # killed after the training, before its result: evaluate only
+            run(cmd + (["--resume", str(model)] if model.exists() else ["--overwrite"]), log)
         seconds = time.monotonic() - start
         metrics = {**evaluate(model, self.ns.test, self.ns.val), "train_seconds": round(seconds, 1)}
         metrics["images"] = len(open_shards(data))
@@ -112,7 +119,7 @@ class Bench:
         """Drop `count` by the scores, train a fresh model on the rest."""
         name = f"{method}-s{seed}-n{count}"
         kept = self.out / "kept" / name
-        if not (kept / "manifest.json").exists():
+        if not complete(kept):
             cmd = [*FAKECIFAR, "dropout", *self.ns.data, "--scores", str(scores.result()), "--drop", str(count)]
             run(cmd + ["--sheet", "0", "-o", str(kept), "--overwrite"], self.out / "logs" / f"drop-{name}.log")
         return self.train_and_eval([str(kept)], name, seed)
@@ -176,6 +183,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side")
     ap.add_argument("--out", default="bench/out/drop")
     ns = ap.parse_args()
+    stamp(Path(ns.out), {k: v for k, v in vars(ns).items() if k not in ("jobs", "threads", "seeds", "cells")})
     bench = Bench(ns)
     plan: dict[str, list[int]] = {}
     for cell in ns.cells or DEFAULT_CELLS:

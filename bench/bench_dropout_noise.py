@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import stamp
+
 FAKECIFAR = [sys.executable, "-m", "fakecifar"]
 
 
@@ -58,7 +60,7 @@ def _value_of_proxy(args: list[str], i: int) -> bool:
 def score_one(method: str, noisy: Path, n_flag: int, seed: int, ns: argparse.Namespace, extra: list[str]) -> Path:
     """Run `dropout --score method` on the noisy set (skipped when its scores exist); its run dir."""
     run = Path(ns.out) / f"{method}-seed{seed}"
-    if (run / "scores.npz").exists():
+    if (run / "scores.npz").exists() and (run / "report.json").exists():  # the report comes last
         return run
     cmd = [*FAKECIFAR, "dropout", str(noisy), "--score", method, "--drop", str(n_flag), "--keep-scores"]
     cmd += ["--seed", str(seed), "-o", str(run), "--overwrite"]
@@ -82,6 +84,7 @@ def main() -> None:
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- then options for every dropout call")
     ns = ap.parse_args()
     extra = ns.rest[1:] if ns.rest[:1] == ["--"] else ns.rest
+    stamp(Path(ns.out), {"data": ns.data, "val": ns.val, "images": ns.images, "noise": ns.noise, "options": extra})
     seeds = [int(s) for s in ns.seeds.split(",")]
     found: dict[str, list[tuple[float, float, int | None]]] = {}
     for seed in seeds:

@@ -3,13 +3,13 @@ generated images only), then made to work on real photos with unlabelled real im
 `train --adapt-bn` and `train --pseudo-label`; writes fake_real.md and fake_real.json in --out.
 
     .venv/bin/python bench/bench_fake_real.py --out bench/out/drop --target real-sub/train \\
-        --val fake-split/val --test real-split/val --seeds 0,1,2
+        --val fake-split/val --select fake-select --test real-split/val --seeds 0,1,2
 
 --out is bench_dropout_drop.py's (its baselines and dropout models are reused, never retrained).
 Rows, each over --seeds:
 - generated images only: the baseline (no real image at all);
-- + dropout: the method and count whose models score best on --val (held-out generated images),
-  beside random removal of the same count (the control);
+- + dropout: the method and count whose models score best on --select (held-out generated
+  images that no scorer used), beside random removal of the same count (the control);
 - + adapt-bn / + pseudo-label / both: `train --resume MODEL` with the unlabelled --target images
   (a split of the CIFAR-10 train set, never the test images). --threshold and --rounds are the
   defaults given here, not tuned: no real label is used for any choice.
@@ -20,31 +20,62 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 from pathlib import Path
 
-from bench_dropout_drop import FAKECIFAR, evaluate, run
+from bench_dropout_drop import FAKECIFAR, evaluate, run, top1
+
+from common import stamp
+
+
+def adapted_done(model: Path, *, bn: bool, pseudo: bool, rounds: int) -> bool:
+    """Whether `model` already holds the finished adaptation (a rerun after a kill)."""
+    if not model.exists():
+        return False
+    from fakecifar.checkpoint import load_checkpoint
+
+    adapt = (load_checkpoint(model)[1].get("train") or {}).get("adapt") or {}
+    return bool(
+        adapt.get("finalized")
+        and (not bn or (adapt.get("bn") or {}).get("adapted"))
+        and (not pseudo or int(adapt.get("round", 0)) >= rounds)
+    )
 
 
 def adapted(out: Path, source: str, name: str, ns: argparse.Namespace, *, bn: bool, pseudo: bool) -> dict:
-    """`train --resume` the finished model `source` with --adapt-bn and/or --pseudo-label."""
+    """`train --resume` a copy of the finished model `source` with --adapt-bn and/or --pseudo-label."""
     result = out / "fake_real" / f"{name}.json"
     if result.exists():
         return json.loads(result.read_text())
     result.parent.mkdir(parents=True, exist_ok=True)
     model = out / "fake_real" / f"{name}.pt"
-    # Resume the source's copy, so that the source stays as it is and a killed run continues.
-    if not model.exists():
-        model.write_bytes((out / "models" / f"{source}.pt").read_bytes())
-    cmd = [*FAKECIFAR, "train", "--resume", str(model), "--threads", str(ns.threads)]
-    if bn:
-        cmd += ["--adapt-bn", *ns.target]
-    if pseudo:
-        cmd += ["--pseudo-label", *ns.target, "--threshold", str(ns.threshold), "--rounds", str(ns.rounds)]
-    run(cmd, out / "logs" / f"fake_real-{name}.log")
+    if not model.exists():  # a copy, so that the source stays as it is; atomic
+        partial = model.with_suffix(".pt.partial")
+        shutil.copyfile(out / "models" / f"{source}.pt", partial)
+        os.replace(partial, model)
+    if not adapted_done(model, bn=bn, pseudo=pseudo, rounds=ns.rounds):
+        cmd = [*FAKECIFAR, "train", "--resume", str(model), "--threads", str(ns.threads)]
+        if bn:
+            cmd += ["--adapt-bn", *ns.target]
+        if pseudo:
+            cmd += ["--pseudo-label", *ns.target, "--threshold", str(ns.threshold), "--rounds", str(ns.rounds)]
+        run(cmd, out / "logs" / f"fake_real-{name}.log")
     metrics = evaluate(model, ns.test, ns.val)
     result.write_text(json.dumps(metrics))
     return metrics
+
+
+def selection_top1(out: Path, name: str, select: list[str]) -> float:
+    """Top-1 of models/NAME.pt on the selection split (cached)."""
+    cache = out / "fake_real" / f"select-{name}.json"
+    if cache.exists():
+        return float(json.loads(cache.read_text())["top1"])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    value = top1(out / "models" / f"{name}.pt", select)
+    cache.write_text(json.dumps({"top1": value, "on": select}))
+    return value
 
 
 def main() -> None:
@@ -53,25 +84,32 @@ def main() -> None:
     ap.add_argument("--target", nargs="+", required=True, help="unlabelled real images (not the test)")
     ap.add_argument("--val", nargs="+", required=True, help="held-out generated images")
     ap.add_argument("--test", nargs="+", required=True, help="real held-out photos: reported only")
+    ap.add_argument(
+        "--select", nargs="+", required=True, help="held-out generated images, not --val: chooses the dropout row"
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ns = ap.parse_args()
     out = Path(ns.out)
+    stamp(out / "fake_real", {k: v for k, v in vars(ns).items() if k not in ("threads", "seeds")})
     seeds = [int(s) for s in ns.seeds.split(",")]
     drops = json.loads((out / "drop.json").read_text())
 
     def cell(name: str) -> list[dict]:
         return [json.loads((out / "models" / f"{name.format(seed=s)}.json").read_text()) for s in seeds]
 
-    # The dropout row: chosen on held-out generated images (mean --val top-1 over the seeds).
-    candidates = {k: v for k, v in drops.items() if not k.startswith(("base/", "random/"))}
-    best = max(candidates, key=lambda k: statistics.fmean(m["val_top1"] for m in candidates[k]))
-    method, count = best.split("/")
+    # The dropout row: chosen on --select, held-out generated images that no scorer saw (influence
+    # and tracin reduce the loss on the drop bench's --val: choosing on it would favour them).
+    candidates = [k.split("/") for k in drops if not k.startswith(("base/", "random/"))]
+    chosen = {
+        (m, c): statistics.fmean(selection_top1(out, f"{m}-s{s}-n{c}", ns.select) for s in seeds) for m, c in candidates
+    }
+    method, count = max(chosen, key=lambda k: chosen[k])
     rows: list[tuple[str, list[dict]]] = [
         ("generated images only (no real image)", cell("base-s{seed}")),
-        (f"+ dropout: {method}, {count} images (chosen on held-out generated)", cell(f"{method}-s{{seed}}-n{count}")),
+        (f"+ dropout: {method}, {count} images (chosen on --select)", cell(f"{method}-s{{seed}}-n{count}")),
         (f"  control: random removal of {count}", cell(f"random-s{{seed}}-n{count}")),
     ]
     for title, key, bn, pseudo in (

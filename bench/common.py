@@ -12,6 +12,38 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 CACHE = REPO / "bench" / "out"
 
 
+def stamp(out: Path, params: dict) -> None:
+    """Keep `out` only for the parameters that made it: a rerun with others is refused (its
+    cached runs would be reported under the new parameters)."""
+    import json
+
+    path = out / "params.json"
+    text = json.dumps(params, sort_keys=True, indent=1, default=str)
+    if path.exists() and path.read_text() != text:
+        sys.exit(f"{out} holds runs made with other parameters ({path}); use another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def complete(directory: Path) -> bool:
+    """Whether a dataset directory was written to the end (its manifest says complete)."""
+    import json
+
+    try:
+        return bool(json.loads((directory / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def finished(checkpoint: Path) -> bool:
+    """Whether a training checkpoint ran its schedule to the end (train.stopped)."""
+    if not checkpoint.exists():
+        return False
+    from fakecifar.checkpoint import load_checkpoint
+
+    return (load_checkpoint(checkpoint)[1].get("train") or {}).get("stopped") in ("completed", "early-stop")
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         sys.exit(f"benchmark data not found: {path} (the benchmarks use ../shared/data beside the checkout)")

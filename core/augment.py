@@ -38,6 +38,7 @@ DEGRADED_FRACTION = 0.5  # of the images of a batch, for each of jpeg, resize an
 JPEG_QUALITY = (50, 95)
 RESIZE_SCALE = (0.5, 0.875)  # of the image's side: 16..28 px at 32
 BLUR_SIGMA = (0.4, 1.2)
+BLUR_RADIUS = 3
 
 
 def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -123,6 +124,10 @@ def alternating_flip(x: torch.Tensor, epoch: int) -> torch.Tensor:
     return flip_where(x, image_coins(x) ^ bool(epoch % 2))
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _uniform(n: int, bounds: tuple[float, float], generator: torch.Generator | None) -> torch.Tensor:
     u = torch.rand(n, generator=generator, device=generator.device if generator else "cpu")
     return bounds[0] + (bounds[1] - bounds[0]) * u
@@ -134,18 +139,21 @@ def _chosen(n: int, generator: torch.Generator | None) -> torch.Tensor:
 
 
 def random_blur(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A Gaussian blur (sigma in BLUR_SIGMA px, a 5x5 kernel, reflect borders) of a random half
-    of the images: one depthwise convolution over the batch, a kernel per image."""
+    """A Gaussian blur (sigma in BLUR_SIGMA px, a 7x7 kernel: +-2.5 sigma at the largest, reflect
+    borders) of a random half of the images: one depthwise convolution over the batch, a kernel
+    per image."""
     b, c, h, w = x.shape
     chosen, sigma = _chosen(b, generator), _uniform(b, BLUR_SIGMA, generator)
-    taps = torch.arange(-2, 3, dtype=torch.float32)
+    r = BLUR_RADIUS
+    taps = torch.arange(-r, r + 1, dtype=torch.float32)
     g = torch.exp(-(taps.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
     g = g / g.sum(1, keepdim=True)  # [B, 5]
-    kernel = (g[:, :, None] * g[:, None, :]).to(x.device, x.dtype)  # [B, 5, 5]
-    kernel = kernel.repeat_interleave(c, 0).unsqueeze(1)  # [B*C, 1, 5, 5]
-    flat = F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="reflect" if min(h, w) > 2 else "replicate")
+    kernel = (g[:, :, None] * g[:, None, :]).to(x.device, x.dtype)  # [B, k, k]
+    kernel = kernel.repeat_interleave(c, 0).unsqueeze(1)  # [B*C, 1, k, k]
+    flat = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect" if min(h, w) > r else "replicate")
     blurred = F.conv2d(flat, kernel, groups=b * c).view(b, c, h, w)
-    return torch.where(chosen.to(x.device).view(-1, 1, 1, 1), blurred, x)
+    out = torch.where(chosen.to(x.device).view(-1, 1, 1, 1), blurred, x)
+    return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
 
 
 def random_resize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -206,6 +214,8 @@ def augment_batch(
     """Apply `augmentations` (from `parse_augment`) to a batch: jpeg, resize, blur, flip, crop. With
     `epoch` given, flips are alternating (derandomized) instead of random. jpeg needs the
     loader's `mean` and `std` (the batch is normalized)."""
+    # Alternating flips take each image's phase from its stored pixels: before any degradation.
+    coins = image_coins(x) if "flip" in augmentations and epoch is not None else None
     if "jpeg" in augmentations:
         if mean is None or std is None:
             raise ValueError("the jpeg augmentation needs the batch's mean and std")
@@ -215,7 +225,11 @@ def augment_batch(
     if "blur" in augmentations:
         x = random_blur(x, generator)
     if "flip" in augmentations:
-        x = alternating_flip(x, epoch) if epoch is not None else random_flip(x, generator)
+        x = (
+            flip_where(x, coins ^ bool(epoch % 2))
+            if coins is not None and epoch is not None
+            else random_flip(x, generator)
+        )
     if "crop" in augmentations:
         x = pad_crop(x, pad, generator)
     return x

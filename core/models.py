@@ -55,6 +55,7 @@ __all__ = [
     "gate_pattern",
     "gate_report",
     "is_gated",
+    "find_stage",
     "list_models",
     "model_spec",
     "normalize_name",
@@ -143,6 +144,11 @@ class ResNetCifar(nn.Module):
         if (depth - 2) % 6:
             raise UsageError(f"ResNet-CIFAR depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
+        if len(stage_strides) != 3 or stem_stride not in (1, 2) or any(v not in (1, 2) for v in stage_strides):
+            raise UsageError(
+                f"ResNet-CIFAR takes stem_stride 1 or 2 and three stage_strides of 1 or 2, got {stem_stride}, "
+                f"{tuple(stage_strides)}"
+            )
         self.conv1 = nn.Conv2d(3, 16, 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         planes = 16
@@ -857,7 +863,12 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def _fixed_conv(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, groups: int = 1) -> torch.Tensor:
-    return F.conv2d(x, weight.to(x.dtype), stride=stride, padding=weight.shape[-1] // 2 * (stride == 1), groups=groups)
+    """A convolution by fixed filters; stride 1 keeps the size with reflect padding (zeros at the
+    border of a normalized image would be a high-frequency edge of their own)."""
+    if stride == 1:
+        pad = weight.shape[-1] // 2
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect" if min(x.shape[-2:]) > pad else "replicate")
+    return F.conv2d(x, weight.to(x.dtype), stride=stride, groups=groups)
 
 
 class HighPassBranch(nn.Module):
@@ -887,7 +898,8 @@ class HighPassBranch(nn.Module):
 class DCTBranch(nn.Module):
     """The magnitudes of each channel's 8x8 block DCT (JPEG's transform: generated images and
     photos differ in how their energy spreads over its frequencies), log(1 + |c|), then a small
-    learned CNN over the blocks: 192 coefficient maps -> 64 (1x1) -> 64 (3x3) -> global pool."""
+    learned CNN over the blocks: 192 coefficient maps -> 64 (1x1) -> 64 (3x3) -> global pool.
+    Blocks are aligned at the top left; rows and columns past the last whole block are unused."""
 
     BLOCK = 8
     filters: torch.Tensor
@@ -925,6 +937,8 @@ class BranchNet(nn.Module):
         widths = [int(getattr(m, "num_features")) for m in (body, *branches)]  # noqa: B009 (typed Any)
         self.num_features = sum(widths)
         self.linear = nn.Linear(self.num_features, num_classes)
+        for part in (*self.branches, self.linear):
+            _init_weights(part)  # as the body's
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.body.forward_features(x), *(branch(x) for branch in self.branches)], 1)
@@ -959,12 +973,21 @@ def _modified_spec(base: ModelSpec, modifiers: Sequence[str]) -> ModelSpec:
 
     @functools.wraps(base.builder)  # its signature: the base's options
     def build(num_classes: int = 10, **kwargs: Any) -> nn.Module:
-        model = base.builder(num_classes=num_classes, **{**kwargs, **fixed})
+        clash = sorted(set(kwargs) & set(fixed))
+        if clash:
+            raise UsageError(f"{name} sets {', '.join(clash)} itself: drop the option or the modifier")
+        model = base.builder(num_classes=num_classes, **kwargs, **fixed)
         return BranchNet(model, [BRANCHES[b]() for b in branches], num_classes) if branches else model
 
     name = "+".join([base.name, *modifiers])
     description = base.description + "; " + "; ".join(MODIFIERS[m] for m in modifiers)
     return ModelSpec(name, build, description, base.input_size)
+
+
+def find_stage(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule `name` (e.g. "layer2") of a zoo model, looked up inside a BranchNet's body too."""
+    modules = dict(model.named_modules())
+    return modules.get(name, modules.get(f"body.{name}"))
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -983,7 +1006,8 @@ def model_spec(name: str) -> ModelSpec:
         chosen.append(key)
     if {"stem2", "hires"} <= set(chosen):
         raise UsageError("+stem2 and +hires change the same downsampling: give one")
-    return _modified_spec(spec, chosen)
+    # One name per architecture: the modifiers in MODIFIERS' order, whatever order was typed.
+    return _modified_spec(spec, sorted(chosen, key=list(MODIFIERS).index))
 
 
 def normalize_name(name: str) -> str:

@@ -212,3 +212,16 @@ def test_downsampling_modifiers_change_the_resolution() -> None:
 def test_bad_modifiers_are_usage_errors(name: str, message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)):
         build_model(name, 2)
+
+
+def test_modifier_order_does_not_matter_and_clashes_are_refused() -> None:
+    from fakecifar.models import find_stage, resolve_name
+
+    assert resolve_name("resnet20+dct+highpass") == resolve_name("resnet20+HighPass+dct") == "resnet20+highpass+dct"
+    with pytest.raises(UsageError, match="sets stem_stride itself"):
+        build_model("resnet20+stem2", 2, stem_stride=1)
+    with pytest.raises(UsageError, match="three stage_strides"):
+        build_model("resnet20", 2, stage_strides=(1, 2))
+    # the stages distillation hooks (ZSKT's attention) are found inside a branch network's body
+    assert find_stage(build_model("resnet20+dct", 2), "layer2") is not None
+    assert find_stage(build_model("resnet20", 2), "layer2") is not None

@@ -88,7 +88,7 @@ def test_modified_model_trains_exports_and_reloads(cli, data, tmp_path):
                  "--onnx")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     model, meta = load_checkpoint(out)
-    assert meta["arch"] == "resnet20+dct+highpass"
+    assert meta["arch"] == "resnet20+highpass+dct"  # canonical order
     x01 = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
     mean, std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -482,6 +482,15 @@ def test_degrading_augmentations_take_a_seeded_half_and_remove_high_frequencies(
         assert (out - x)[changed].abs().mean() < 0.5  # degraded, not destroyed
     with pytest.raises(ValueError, match="mean and std"):
         augment_batch(x, ("jpeg",), generator=step_generator(0, 0, 0))
+    # alternating flips keep their per-image phase from the stored pixels, degraded or not
+    from fakecifar.augment import image_coins
+
+    coins = image_coins(x)
+    for epoch in (0, 1, 2):
+        out = augment_batch(x, ("flip", "blur"), generator=step_generator(0, epoch, 0), epoch=epoch)
+        plain = augment_batch(x, ("blur",), generator=step_generator(0, epoch, 0))
+        flipped = coins ^ bool(epoch % 2)
+        assert torch.equal(out[flipped], plain[flipped].flip(-1)) and torch.equal(out[~flipped], plain[~flipped])
     assert parse_augment("blur,crop,jpeg") == ("crop", "jpeg", "blur")
     with pytest.raises(Exception, match="crop,flip,jpeg,resize,blur"):
         parse_augment("sharpen")

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import step_generator
+from ..models import find_stage
 from ..priors import BatchNormPrior
 from .classification import soft_loss
 from .runtime import Dist, average_gradients, broadcast_main, gather_all, rank_seed
@@ -135,7 +136,7 @@ class TeacherAccess:
                 linear[-1].register_forward_hook(lambda _m, inp, _out: self._captured.__setitem__("features", inp[0]))
             self.prior = BatchNormPrior(net) if bn_prior else None
             for name in stages:
-                sub = dict(net.named_modules()).get(name)
+                sub = find_stage(net, name)
                 if sub is not None:
                     self.stage_names.append(name)
                     sub.register_forward_hook(lambda _m, _i, out, key=name: self._captured.__setitem__(key, out))
@@ -222,9 +223,13 @@ class TeacherAccess:
             raise RuntimeError("rank 0 failed to ask the teacher (its error is above)")
 
 
-def attention_map(feature: torch.Tensor) -> torch.Tensor:
-    """Zagoruyko & Komodakis 2017: the channel-mean of squared activations, L2-normalised."""
-    return F.normalize(feature.float().pow(2).mean(1).flatten(1), dim=1)
+def attention_map(feature: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Zagoruyko & Komodakis 2017: the channel-mean of squared activations, L2-normalised;
+    average-pooled to `size` first when given (a student and teacher of other resolutions)."""
+    a = feature.float().pow(2).mean(1, keepdim=True)
+    if size is not None and tuple(a.shape[-2:]) != tuple(size):
+        a = F.adaptive_avg_pool2d(a, size)
+    return F.normalize(a.flatten(1), dim=1)
 
 
 def class_entropy_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -456,10 +461,12 @@ class ZSKT(DataFreeTask):
         self.student_maps: dict[str, torch.Tensor] = {}
 
     def attach(self, model: nn.Module) -> list[str]:
-        names = dict(model.named_modules())
-        shared = [s for s in STAGES if s in names and s in self.access.stage_names]
+        stages = {s: find_stage(model, s) for s in STAGES}
+        shared = [s for s in STAGES if stages[s] is not None and s in self.access.stage_names]
         for s in shared:
-            names[s].register_forward_hook(lambda _m, _i, out, key=s: self.student_maps.__setitem__(key, out))
+            module = stages[s]
+            assert module is not None
+            module.register_forward_hook(lambda _m, _i, out, key=s: self.student_maps.__setitem__(key, out))
         return shared
 
     def iterate(self, z, ctx):
@@ -479,9 +486,11 @@ class ZSKT(DataFreeTask):
             s = self.student(ctx, x)
             loss = soft_loss("kl", s, t, 1.0)
             for name in self.shared:
-                a_s, a_t = attention_map(self.student_maps[name]), attention_map(captured[name])
-                if a_s.shape == a_t.shape:
-                    loss = loss + self.options.attention * (a_s - a_t).pow(2).mean()
+                s_map, t_map = self.student_maps[name], captured[name]
+                # at the coarser of the two resolutions (e.g. a +stem2 student of a plain teacher)
+                size = (min(s_map.shape[-2], t_map.shape[-2]), min(s_map.shape[-1], t_map.shape[-1]))
+                a_s, a_t = attention_map(s_map, size), attention_map(t_map, size)
+                loss = loss + self.options.attention * (a_s - a_t).pow(2).mean()
             self.update_student(ctx, loss)
         return loss, len(z) * self.options.student_steps
 
