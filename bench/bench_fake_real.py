@@ -10,10 +10,12 @@ Rows, each over --seeds:
 - generated images only: the baseline (no real image at all);
 - + dropout: the method and count whose models score best on --select (held-out generated
   images that no scorer used), beside random removal of the same count (the control);
-- + adapt-bn / + pseudo-label / both: `train --resume MODEL` with the unlabelled --target images
+- + adapt-bn / + pseudo-label / both (and with --combined, on the dropout row's models):
+  `train --resume MODEL` with the unlabelled --target images
   (a split of the CIFAR-10 train set, never the test images). --threshold and --rounds are the
   defaults given here, not tuned: no real label is used for any choice.
---test (real photos) is only reported.
+--test (real photos) is only reported. Before the drop bench has finished (no drop.json), only
+the adaptation rows are made.
 """
 
 from __future__ import annotations
@@ -88,40 +90,45 @@ def main() -> None:
         "--select", nargs="+", required=True, help="held-out generated images, not --val: chooses the dropout row"
     )
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--combined", action="store_true", help="also dropout + adapt-bn + pseudo-label")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ns = ap.parse_args()
     out = Path(ns.out)
-    stamp(out / "fake_real", {k: v for k, v in vars(ns).items() if k not in ("threads", "seeds")})
+    stamp(out / "fake_real", {k: v for k, v in vars(ns).items() if k not in ("threads", "seeds", "combined")})
     seeds = [int(s) for s in ns.seeds.split(",")]
-    drops = json.loads((out / "drop.json").read_text())
 
     def cell(name: str) -> list[dict]:
         return [json.loads((out / "models" / f"{name.format(seed=s)}.json").read_text()) for s in seeds]
 
-    # The dropout row: chosen on --select, held-out generated images that no scorer saw (influence
-    # and tracin reduce the loss on the drop bench's --val: choosing on it would favour them).
-    candidates = [k.split("/") for k in drops if not k.startswith(("base/", "random/"))]
-    chosen = {
-        (m, c): statistics.fmean(selection_top1(out, f"{m}-s{s}-n{c}", ns.select) for s in seeds) for m, c in candidates
-    }
-    method, count = max(chosen, key=lambda k: chosen[k])
-    rows: list[tuple[str, list[dict]]] = [
-        ("generated images only (no real image)", cell("base-s{seed}")),
-        (f"+ dropout: {method}, {count} images (chosen on --select)", cell(f"{method}-s{{seed}}-n{count}")),
-        (f"  control: random removal of {count}", cell(f"random-s{{seed}}-n{count}")),
-    ]
+    rows: list[tuple[str, list[dict]]] = [("generated images only (no real image)", cell("base-s{seed}"))]
     for title, key, bn, pseudo in (
         ("+ adapt-bn", "bn", True, False),
         ("+ pseudo-label", "pl", False, True),
         ("+ adapt-bn + pseudo-label", "bnpl", True, True),
     ):
         rows.append((title, [adapted(out, f"base-s{s}", f"base-s{s}-{key}", ns, bn=bn, pseudo=pseudo) for s in seeds]))
-    combo = [
-        adapted(out, f"{method}-s{s}-n{count}", f"{method}-s{s}-n{count}-bnpl", ns, bn=True, pseudo=True) for s in seeds
-    ]
-    rows.append(("+ dropout + adapt-bn + pseudo-label", combo))
+    if (out / "drop.json").exists():  # the drop bench has finished: its dropout rows
+        drops = json.loads((out / "drop.json").read_text())
+        # Chosen on --select, held-out generated images that no scorer saw (influence and tracin
+        # reduce the loss on the drop bench's --val: choosing on it would favour them).
+        candidates = [k.split("/") for k in drops if not k.startswith(("base/", "random/"))]
+        chosen = {
+            (m, c): statistics.fmean(selection_top1(out, f"{m}-s{s}-n{c}", ns.select) for s in seeds)
+            for m, c in candidates
+        }
+        method, count = max(chosen, key=lambda k: chosen[k])
+        rows[1:1] = [
+            (f"+ dropout: {method}, {count} images (chosen on --select)", cell(f"{method}-s{{seed}}-n{count}")),
+            (f"  control: random removal of {count}", cell(f"random-s{{seed}}-n{count}")),
+        ]
+        if ns.combined:
+            name = f"{method}-s{{s}}-n{count}"
+            combo = [
+                adapted(out, name.format(s=s), name.format(s=s) + "-bnpl", ns, bn=True, pseudo=True) for s in seeds
+            ]
+            rows.append(("+ dropout + adapt-bn + pseudo-label", combo))
 
     def stat(values: list[float]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
