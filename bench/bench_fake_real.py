@@ -12,8 +12,9 @@ Rows, each over --seeds:
   images that no scorer used), beside random removal of the same count (the control);
 - + adapt-bn / + pseudo-label / both (and with --combined, on the dropout row's models):
   `train --resume MODEL` with the unlabelled --target images
-  (a split of the CIFAR-10 train set, never the test images). --threshold and --rounds are the
-  defaults given here, not tuned: no real label is used for any choice.
+  (a split of the CIFAR-10 train set, never the test images). Pseudo-labels are class-balanced
+  (--keep-fraction, the most confident 20% of each predicted class) unless --keep-fraction 0
+  (then --threshold); the values are fixed here, not tuned: no real label is used for any choice.
 --test (real photos) is only reported. Before the drop bench has finished (no drop.json), only
 the adaptation rows are made.
 """
@@ -62,7 +63,10 @@ def adapted(out: Path, source: str, name: str, ns: argparse.Namespace, *, bn: bo
         if bn:
             cmd += ["--adapt-bn", *ns.target]
         if pseudo:
-            cmd += ["--pseudo-label", *ns.target, "--threshold", str(ns.threshold), "--rounds", str(ns.rounds)]
+            rule = (
+                ["--keep-fraction", str(ns.keep_fraction)] if ns.keep_fraction else ["--threshold", str(ns.threshold)]
+            )
+        cmd += ["--pseudo-label", *ns.target, *rule, "--rounds", str(ns.rounds)]
         run(cmd, out / "logs" / f"fake_real-{name}.log")
     metrics = evaluate(model, ns.test, ns.val)
     result.write_text(json.dumps(metrics))
@@ -91,7 +95,8 @@ def main() -> None:
     )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--combined", action="store_true", help="also dropout + adapt-bn + pseudo-label")
-    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--threshold", type=float, default=0.9, help="without --keep-fraction")
+    ap.add_argument("--keep-fraction", type=float, default=0.2, help="class-balanced pseudo-labels (0: --threshold)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ns = ap.parse_args()
@@ -135,8 +140,9 @@ def main() -> None:
         return f"{100 * statistics.fmean(values):.2f} ± {100 * spread:.2f}"
 
     lines = [
-        f"seeds {ns.seeds}; unlabelled target: {', '.join(ns.target)}; --threshold {ns.threshold} "
-        f"--rounds {ns.rounds} (defaults, not tuned); mean ± sample std",
+        f"seeds {ns.seeds}; unlabelled target: {', '.join(ns.target)}; "
+        + (f"--keep-fraction {ns.keep_fraction}" if ns.keep_fraction else f"--threshold {ns.threshold}")
+        + f" --rounds {ns.rounds} (fixed beforehand, not tuned); mean ± sample std",
         "",
         "| training | real top-1 (test, reported only) | held-out generated top-1 |",
         "|---|---:|---:|",

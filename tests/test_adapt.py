@@ -175,6 +175,44 @@ def test_pseudo_label_rounds_write_mostly_right_shards(cli, domains, tmp_path):
     assert len(log) == 9 and '"round": 2' in log[-1]
 
 
+def test_pseudo_label_keep_fraction_is_class_balanced_and_resumes_with_its_rule(cli, domains, tmp_path):
+    """--keep-fraction F keeps ceil(F * n_c) of the n_c target images predicted as each class c,
+    the most confident ones, whatever their probabilities; a resume keeps the recorded rule."""
+    from fakecifar.checkpoint import load_checkpoint
+    from fakecifar.shards import open_shards
+
+    out = tmp_path / "m.pt"
+    args = ["--pseudo-label", domains["target"], "--keep-fraction", "0.5", "--rounds", "1"]
+    r = cli("train", domains["source"], *FAST, "--epochs", "2", "--label-smoothing", "0.3", "-o", out, *args)
+    assert r.exit_code == 0, r.stderr
+    adapt = load_checkpoint(out)[1]["train"]["adapt"]
+    assert adapt["pseudo"]["keep_fraction"] == 0.5 and adapt["pseudo"]["threshold"] is None
+    assert "(the top 0.5 of each predicted class)" in r.stderr
+    kept = open_shards([tmp_path / "m.pt.pseudo" / "round-1"])
+    assert adapt["records"][1]["kept"] == len(kept) >= 90 // 2  # ceil per class: at least half
+    # capped by label smoothing (1 - 0.3 + 0.3 / 3): a --threshold 0.9 would have kept nothing
+    assert kept.read("confidence").max() < 0.8 + 1e-4
+    # More rounds later: the rule is read back from the checkpoint (no --keep-fraction given).
+    r = cli("train", "--resume", out, "--pseudo-label", domains["target"], "--rounds", "2")
+    assert r.exit_code == 0, r.stderr
+    adapt = load_checkpoint(out)[1]["train"]["adapt"]
+    assert adapt["round"] == 2 and adapt["pseudo"]["keep_fraction"] == 0.5
+    assert "round 2/2: kept" in r.stderr and "(the top 0.5 of each predicted class)" in r.stderr
+
+
+def test_keep_fraction_takes_the_most_confident_of_each_predicted_class(monkeypatch):
+    from fakecifar.training import adapt
+
+    confidence = np.array([0.9, 0.2, 0.5, 0.6, 0.3, 0.31, 0.99], np.float32)
+    labels = np.array([0, 0, 0, 1, 1, 1, 2])
+    monkeypatch.setattr(adapt, "predict", lambda model, batches, tta: (confidence, labels))  # the selection alone
+    model = torch.nn.Identity()  # unused: predict is replaced
+    chosen = adapt.pseudo_labels(model, [], None, fraction=0.5)
+    by_threshold = adapt.pseudo_labels(model, [], 0.55)
+    assert chosen.rows.tolist() == [0, 2, 3, 5, 6]  # ceil(0.5 * 3) = 2 per class of 3, ceil(0.5) = 1
+    assert by_threshold.rows.tolist() == [0, 3, 6]
+
+
 def test_bad_adapt_requests_are_refused_before_anything_is_written(cli, domains, make_shard, tmp_path, monkeypatch):
     out = tmp_path / "out" / "m.pt"
     src, tgt, val = domains["source"], domains["target"], domains["val"]
@@ -190,6 +228,9 @@ def test_bad_adapt_requests_are_refused_before_anything_is_written(cli, domains,
         (["--adapt-bn", big, "--val", val], "--adapt-bn"),
         (["--adapt-bn", tgt, "--model", "lenet5"], "--adapt-bn: lenet5 has no BatchNorm"),
         (["--pseudo-label", tgt, "--target", "origin"], "--pseudo-label predicts classes"),
+        (["--keep-fraction", "0.5"], "--keep-fraction needs --pseudo-label"),
+        (["--pseudo-label", tgt, "--keep-fraction", "0"], "--keep-fraction must be in (0, 1], got 0.0"),
+        (["--pseudo-label", tgt, "--keep-fraction", "0.5", "--threshold", "0.9"], "give one"),
     ]
     for extra, needle in cases:
         r = cli("train", src, *FAST, "--epochs", "1", "-o", out, *extra)

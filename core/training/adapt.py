@@ -14,7 +14,9 @@ under no_grad; the momenta are restored and that model is delivered (checkpoint 
 Batches are balanced (sizes differ by at most one), so the mean of the batch means is the mean
 over the target images.
 
-`train --pseudo-label TARGET --threshold P --rounds R` self-trains. Round 0 is the training on
+`train --pseudo-label TARGET --threshold P --rounds R` self-trains (or `--keep-fraction F`: in
+each predicted class, its most confident F, class-balanced; a threshold keeps few images of a
+model trained with label smoothing, whose top probability stays below 1 - smoothing). Round 0 is the training on
 SHARDS; round k >= 1 predicts the target images with round k-1's delivered model (eval mode,
 flip-TTA with --tta), keeps those with a top probability >= P, labels them with the predicted
 class, writes them as shards to OUTPUT.pseudo/round-k/ (a dataset with its manifest: labels, a
@@ -173,12 +175,30 @@ class PseudoLabels:
         return {name: int(n) for name, n in zip(classes, counts)}
 
 
-def pseudo_labels(model: nn.Module, batches: Iterable[Any], threshold: float, tta: bool = False) -> PseudoLabels:
+def pseudo_labels(
+    model: nn.Module, batches: Iterable[Any], threshold: float | None, tta: bool = False, fraction: float | None = None
+) -> PseudoLabels:
     """The images of `batches` (unshuffled: row i is the i-th image) whose top probability is
-    at least `threshold`, with the predicted class as their label."""
+    at least `threshold`, with the predicted class as their label; or, with `fraction`, the most
+    confident `fraction` of the images predicted as each class (class-balanced self-training,
+    Zou et al. 2018: no class crowds out the others, whatever the model's calibration)."""
     confidence, labels = predict(model, batches, tta)
-    keep = np.nonzero(confidence >= np.float32(threshold))[0]
+    if fraction is None:
+        assert threshold is not None
+        keep = np.nonzero(confidence >= np.float32(threshold))[0]
+    else:
+        chosen = []
+        for c in np.unique(labels):
+            rows = np.nonzero(labels == c)[0]
+            order = rows[np.argsort(-confidence[rows], kind="stable")]
+            chosen.append(order[: math.ceil(fraction * len(rows) - 1e-9)])
+        keep = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
     return PseudoLabels(keep.astype(np.int64), labels[keep], confidence[keep], len(confidence))
+
+
+def selection_rule(threshold: float | None, fraction: float | None) -> str:
+    """How --pseudo-label chooses, in words (for messages)."""
+    return f"p >= {threshold}" if fraction is None else f"the top {fraction:g} of each predicted class"
 
 
 def accuracy(model: nn.Module, batches: Iterable[Any], targets: np.ndarray, tta: bool = False) -> float:
@@ -235,7 +255,12 @@ def write_pseudo_shards(
         reused = out.already_complete
         if not reused:
             chain = provenance_of(target.shards) + [
-                {"step": "pseudo-label", "round": params.get("round"), "threshold": params.get("threshold")}
+                {
+                    "step": "pseudo-label",
+                    "round": params.get("round"),
+                    "threshold": params.get("threshold"),
+                    "keep_fraction": params.get("keep_fraction"),
+                }
             ]
             writer = ShardSeriesWriter(
                 out.directory,
@@ -427,7 +452,15 @@ def adapted_train(
         )
     check_targets(data, val, adapt_bn, pseudo_label, config)
     run = _Run.resumed(resume_path, config) if resume_path is not None else _Run()
-    threshold = float(next(v for v in (config.threshold, run.threshold, PSEUDO_THRESHOLD) if v is not None))
+    # --keep-fraction or --threshold (one of them; a resume keeps the recorded one unless told)
+    fraction: float | None = None
+    threshold: float | None = None
+    given_fraction = config.keep_fraction if config.keep_fraction is not None else run.keep_fraction
+    if given_fraction is not None and (config.keep_fraction is not None or config.threshold is None):
+        fraction = float(given_fraction)
+    else:
+        threshold = float(next(v for v in (config.threshold, run.threshold, PSEUDO_THRESHOLD) if v is not None))
+    rule = selection_rule(threshold, fraction)
     rounds = int(next(v for v in (config.rounds, run.rounds, PSEUDO_ROUNDS) if v is not None)) if pseudo else 0
     if resume_path is not None:
         if pseudo and run.round > rounds:
@@ -445,7 +478,7 @@ def adapted_train(
     classes = target_classes(data.classes, config.target)
     device = process_device(config.device, dist)
     # Each round's training is a plain one: the self-training knobs live in train.adapt.
-    round_config = replace(config, threshold=None, rounds=None)
+    round_config = replace(config, threshold=None, rounds=None, keep_fraction=None)
     val_origin = _val_origin(val)
     val_targets = _targets(val, config) if val is not None else None
 
@@ -466,6 +499,7 @@ def adapted_train(
             adapt["pseudo"] = {
                 "target": [str(p) for p in pseudo_label.paths],
                 "threshold": threshold,
+                "keep_fraction": fraction,
                 "rounds": rounds,
                 "tta": bool(config.tta),
                 "from": "scratch",
@@ -482,7 +516,7 @@ def adapted_train(
             else None
         )
         say(
-            f"self-training: {rounds} round(s), --threshold {threshold}, {config.epochs} epochs each, from scratch; "
+            f"self-training: {rounds} round(s), keeping {rule}, {config.epochs} epochs each, from scratch; "
             + (
                 f"per-round accuracy on {measured}, never on the target images"
                 if measured
@@ -540,12 +574,12 @@ def adapted_train(
         # ---- the next round's pseudo-labelled set, from this round's delivered model
         assert pseudo_label is not None  # pseudo
         record = _pseudo_round(
-            k + 1, rounds, source, output, pseudo_label, data, threshold, config, device, overwrite, say
+            k + 1, rounds, source, output, pseudo_label, data, threshold, fraction, config, device, overwrite, say
         )
         del run.records[k + 1 :]
         run.records.append(record)
         if record["kept"] == 0:
-            say(f"round {k + 1}/{rounds}: no target image reached --threshold {threshold}; stopping after round {k}")
+            say(f"round {k + 1}/{rounds}: no target image kept ({rule}); stopping after round {k}")
             model, meta = load_checkpoint(source)
             _rewrite(source, output, model, meta, info(True))
             source = output
@@ -557,7 +591,7 @@ def adapted_train(
     if onnx:
         written_onnx = export_onnx(final, final_meta, output.with_suffix(".onnx"))
     adaptation = dict((final_meta.get("train") or {}).get("adapt") or {})
-    effective = replace(config, threshold=threshold, rounds=rounds) if pseudo else config
+    effective = replace(config, threshold=threshold, rounds=rounds, keep_fraction=fraction) if pseudo else config
     return TrainResult(
         source, written_onnx, run.history, effective, classes, run.stopped, run.best_epoch, adaptation=adaptation
     )
@@ -575,6 +609,7 @@ class _Run:
     records: list[dict] = field(default_factory=lambda: [{"round": 0}])  # index = round
     bn: dict | None = None  # the BN adaptation of `round`'s model, once done
     threshold: float | None = None  # as recorded
+    keep_fraction: float | None = None
     rounds: int | None = None
     epochs_done: int = 0
     history: list[dict] = field(default_factory=list)
@@ -611,6 +646,7 @@ class _Run:
             records=records,
             bn=dict(bn) if finalized and bn and bn.get("adapted") else None,
             threshold=pseudo.get("threshold"),
+            keep_fraction=pseudo.get("keep_fraction"),
             rounds=pseudo.get("rounds"),
             epochs_done=done,
             history=list(info.get("history") or []),
@@ -728,22 +764,24 @@ def _pseudo_round(
     output: Path,
     target: ShardSet,
     data: ShardSet,
-    threshold: float,
+    threshold: float | None,
+    fraction: float | None,
     config: TrainConfig,
     device: torch.device,
     overwrite: bool,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     """Round k's pseudo-labelled set: predict the target with the model in `source`, keep what
-    reaches the threshold, write it (or reuse it) in OUTPUT.pseudo/round-k/."""
+    its rule keeps (`threshold` or `fraction`), write it (or reuse it) in OUTPUT.pseudo/round-k/."""
     model, meta = load_checkpoint(source)
     model.to(device)
     loader = _loader(target, meta, device, batch_size=BATCH, columns=())
-    labels = pseudo_labels(model, loader, threshold, tta=config.tta)
+    labels = pseudo_labels(model, loader, threshold, tta=config.tta, fraction=fraction)
     directory = round_dir(output, k)
     params = {
         "target": [str(p.resolve()) for p in target.paths],
         "threshold": threshold,
+        "keep_fraction": fraction,
         "tta": bool(config.tta),
         "round": k,
         "model": weights_digest(model.cpu()),
@@ -757,7 +795,8 @@ def _pseudo_round(
     per_class = labels.per_class(list(data.classes))
     counts = ", ".join(f"{name} {n:,}" for name, n in per_class.items())
     say(
-        f"round {k}/{rounds}: kept {len(labels.rows):,} of {labels.total:,} target images (p >= {threshold})"
+        f"round {k}/{rounds}: kept {len(labels.rows):,} of {labels.total:,} target images "
+        f"({selection_rule(threshold, fraction)})"
         + (f": {counts}" if len(labels.rows) else "")
         + (f" -> {directory}" if paths else "")
         + (" (reused: written by an earlier run)" if reused else "")

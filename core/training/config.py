@@ -247,6 +247,15 @@ class TrainConfig:
         check=(lambda v: v is None or 0 < v <= 1, "--threshold must be in (0, 1], got {v}"),
         panel=ADAPT,
     )
+    keep_fraction: float | None = setting(
+        None,
+        "--keep-fraction",
+        help="--pseudo-label keeps, in each predicted class, this fraction of its target images, the most "
+        "confident (class-balanced self-training), instead of a --threshold: no class crowds out the others, "
+        "and it works for a model whose top probability is capped, e.g. by label smoothing.",
+        check=(lambda v: v is None or 0 < v <= 1, "--keep-fraction must be in (0, 1], got {v}"),
+        panel=ADAPT,
+    )
     rounds: int | None = setting(
         None,
         "--rounds",
@@ -469,7 +478,15 @@ def check_pseudo_label(c: Any, pseudo_label: bool) -> None:
     (`pseudo_label`: it was given), and --pseudo-label needs hard class labels (it writes the
     predicted class as the label). Called by `check_outputs`, before any data is read."""
     if not pseudo_label:
-        given = [flag for flag, value in (("--threshold", c.threshold), ("--rounds", c.rounds)) if value is not None]
+        given = [
+            flag
+            for flag, value in (
+                ("--threshold", c.threshold),
+                ("--keep-fraction", c.keep_fraction),
+                ("--rounds", c.rounds),
+            )
+            if value is not None
+        ]
         if given:
             options = " and ".join(given)
             raise UsageError(
@@ -477,6 +494,11 @@ def check_pseudo_label(c: Any, pseudo_label: bool) -> None:
                 f"add --pseudo-label TARGET_SHARDS, or drop {options}",
             )
         return
+    if c.threshold is not None and c.keep_fraction is not None:
+        raise UsageError(
+            "--threshold and --keep-fraction are two ways to choose the pseudo-labels: give one",
+            "--keep-fraction for class-balanced self-training, --threshold for a confidence cut",
+        )
     if c.soft is not None:
         raise UsageError(
             f"--pseudo-label trains on predicted hard labels, not on soft targets (--soft {c.soft})",
