@@ -934,7 +934,8 @@ class BranchNet(nn.Module):
         self.body = body
         self.body.linear = nn.Identity()  # unused: its parameters would get no gradient (DDP)
         self.branches = nn.ModuleList(branches)
-        widths = [int(getattr(m, "num_features")) for m in (body, *branches)]  # noqa: B009 (typed Any)
+        parts: list[Any] = [body, *branches]  # zoo models and branches: each has num_features
+        widths = [int(m.num_features) for m in parts]
         self.num_features = sum(widths)
         self.linear = nn.Linear(self.num_features, num_classes)
         for part in (*self.branches, self.linear):
