@@ -47,6 +47,11 @@ ARMS: dict[str, tuple[str, str | None]] = {
     "ema": ("+ EMA of the weights (0.99 per step)", "--ema 0.99"),
     "whiten": ("+ whitened first conv", "--whiten"),
     "tta": ("base models scored with flip TTA", None),
+    # the winners together
+    "highpass+whiten": ("high-pass branch + whitened first conv", "--model resnet20+highpass --whiten"),
+    "highpass+smooth": ("high-pass branch + label smoothing 0.1", "--model resnet20+highpass --label-smoothing 0.1"),
+    "highpass+blur": ("high-pass branch + blur augmentation", "--model resnet20+highpass --augment crop,flip,blur"),
+    "wide+highpass": ("wrn-16-2 + high-pass branch", "--model wrn-16-2+highpass"),
 }
 
 

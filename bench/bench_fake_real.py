@@ -66,7 +66,7 @@ def adapted(out: Path, source: str, name: str, ns: argparse.Namespace, *, bn: bo
             rule = (
                 ["--keep-fraction", str(ns.keep_fraction)] if ns.keep_fraction else ["--threshold", str(ns.threshold)]
             )
-        cmd += ["--pseudo-label", *ns.target, *rule, "--rounds", str(ns.rounds)]
+            cmd += ["--pseudo-label", *ns.target, *rule, "--rounds", str(ns.rounds)]
         run(cmd, out / "logs" / f"fake_real-{name}.log")
     metrics = evaluate(model, ns.test, ns.val)
     result.write_text(json.dumps(metrics))
