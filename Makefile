@@ -59,25 +59,21 @@ clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # The built-in detector (core/data/detector.onnx): `fakecifar train --target origin` on CIFAKE
-# train (deduplicated). split/val is held out: no image shared with training, and nothing is
-# chosen on it (the weights kept are those with the lowest loss on fit/val, a part of the
-# training split); bench_detect.py reports on it. Training is seeded and deterministic on CPU
-# and timings are kept out of the ONNX. The precision is the machine's fast one (--precision
-# auto: bf16 autocast on CPUs with AMX, fp32 elsewhere -- bf16 without AMX trains ~10x slower),
-# recorded in the checkpoint's train.precision. The same bytes therefore need the same data,
-# torch build, CPU family (AMX or not: it picks the precision), precision and thread count
-# (DETECTOR_THREADS); a test trains twice, fp32 and bf16, and compares the ONNX hashes. To pin
-# one: DETECTOR_TRAIN='... --precision bf16'.
+# train (deduplicated), with a held-out split that shares no image with training. Training is
+# seeded and deterministic on CPU and timings are kept out of the ONNX. The precision is the
+# machine's fast one (--precision auto: bf16 autocast on CPUs with AMX, fp32 elsewhere -- bf16
+# without AMX trains ~10x slower), recorded in the checkpoint's train.precision. The same bytes
+# therefore need the same data, torch build, CPU family (AMX or not: it picks the precision),
+# precision and thread count (OMP_NUM_THREADS=2 below); a test trains twice, fp32 and bf16, and
+# compares the ONNX hashes. To pin one: DETECTOR_TRAIN='... --precision bf16'.
 CIFAKE   ?= ../shared/data/cifake-train.tar.gz
 DETECTOR := build/detector
-DETECTOR_THREADS ?= 1
-DETECTOR_TRAIN := --model resnet20+highpass --epochs 12 --schedule onecycle --lr 0.2 --ema 0.995 --whiten --precision auto --seed 0
+DETECTOR_TRAIN := --model resnet32 --epochs 60 --schedule onecycle --lr 0.2 --ema 0.995 --whiten --precision auto --seed 0
 detector: install
 	rm -f $(DETECTOR)/train.jsonl
 	$(FC) import $(CIFAKE) --dedup -o $(DETECTOR)/cifake --overwrite > /dev/null
 	$(FC) split $(DETECTOR)/cifake --ratio 5:1 --seed 0 -o $(DETECTOR)/split --overwrite > /dev/null
-	$(FC) split $(DETECTOR)/split/train --ratio 39:1 --seed 1 -o $(DETECTOR)/fit --overwrite > /dev/null
-	OMP_NUM_THREADS=$(DETECTOR_THREADS) $(FC) train $(DETECTOR)/fit/train --val $(DETECTOR)/fit/val --target origin \
-	    $(DETECTOR_TRAIN) --threads $(DETECTOR_THREADS) -o $(DETECTOR)/detector.pt --onnx --overwrite --log $(DETECTOR)/train.jsonl
+	OMP_NUM_THREADS=2 $(FC) train $(DETECTOR)/split/train --val $(DETECTOR)/split/val --target origin \
+	    $(DETECTOR_TRAIN) -o $(DETECTOR)/detector.pt --onnx --overwrite --log $(DETECTOR)/train.jsonl
 	cp $(DETECTOR)/detector.onnx core/data/detector.onnx
 	$(BIN)/python bench/bench_detect.py --val $(DETECTOR)/split/val --pt $(DETECTOR)/detector.pt
