@@ -4,7 +4,9 @@
     .venv/bin/python bench/bench_detect.py --val build/detector/split/val --pt build/detector/detector.pt
 
 --val: held-out CIFAKE shards (origin column) written by `make detector`; --pt: the torch
-checkpoint the ONNX was exported from (for the torch side of the cold-start ratio).
+checkpoint the ONNX was exported from (for the torch side of the cold-start ratio); --against:
+another ONNX model (the previous built-in) timed in the same loop, for a cold-start ratio
+between two onnxruntime models (an ensemble has no single .pt).
 """
 
 from __future__ import annotations
@@ -39,12 +41,19 @@ def accuracy(model: Path, val: list[str], tta: bool = False) -> tuple[float, flo
 
 
 def cold(args: list[str], repeat: int) -> float:
-    times = []
+    return cold_side_by_side([args], repeat)[0]
+
+
+def cold_side_by_side(runs: list[list[str]], repeat: int) -> list[float]:
+    """Median wall clock of each `fakecifar detect ARGS` as a new process, the runs taken in
+    turn within each round so that machine noise falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run([FAKECIFAR, "detect", *args], check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for args, kept in zip(runs, times):
+            start = time.perf_counter()
+            subprocess.run([FAKECIFAR, "detect", *args], check=True, capture_output=True)
+            kept.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -52,6 +61,7 @@ def main() -> None:
     parser.add_argument("--val", nargs="+", required=True)
     parser.add_argument("--pt", type=Path, help="torch checkpoint of the same model")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--against", type=Path, help="another .onnx to time beside --model (cold start)")
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     acc, rate, n = accuracy(args.model, args.val)
@@ -68,6 +78,16 @@ def main() -> None:
         if args.pt:
             t_torch = cold(["--model", str(args.pt), str(image)], args.repeat)
             print(f"cold start, one image, torch:       {t_torch:.3f} s   ratio {t_torch / t_onnx:.1f}x")
+        if args.against:
+            ours, theirs = cold_side_by_side(
+                [["--model", str(m), str(image)] for m in (args.model, args.against)], args.repeat
+            )
+            print(
+                f"cold start side by side: {args.model.name} {ours:.3f} s, {args.against.name} {theirs:.3f} s"
+                f"   ratio {ours / theirs:.2f}x (median of {args.repeat} rounds)"
+            )
+            acc, _, _ = accuracy(args.against, args.val)
+            print(f"{args.against.name} held-out accuracy {acc:.4%}")
 
 
 if __name__ == "__main__":

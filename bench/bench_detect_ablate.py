@@ -28,6 +28,7 @@ from pathlib import Path
 from common import complete, stamp
 
 FAKECIFAR = [sys.executable, "-m", "fakecifar"]
+MEMBER_SEED_STEP = 1000
 BASE = "--model resnet20 --schedule onecycle --lr 0.2 --batch-size 256 --augment crop,flip --precision fp32"
 
 # name: (what changes, train options replacing the base's where they overlap)
@@ -52,7 +53,14 @@ ARMS: dict[str, tuple[str, str | None]] = {
     "highpass+smooth": ("high-pass branch + label smoothing 0.1", "--model resnet20+highpass --label-smoothing 0.1"),
     "highpass+blur": ("high-pass branch + blur augmentation", "--model resnet20+highpass --augment crop,flip,blur"),
     "wide+highpass": ("wrn-16-2 + high-pass branch", "--model wrn-16-2+highpass"),
+    # an ensemble of the winning recipe, and one model distilled from it
+    "ensemble3": (
+        f"mean P(fake) of 3 highpass+whiten models (seeds s, s+{MEMBER_SEED_STEP}, ...), 3x the training",
+        None,
+    ),
+    "ens-distill": ("highpass+whiten student distilled (KL, T=4) from ensemble3 on the same images", None),
 }
+ENSEMBLE_OF = "highpass+whiten"
 
 
 def merged(base: str, change: str) -> list[str]:
@@ -89,34 +97,82 @@ def subsets(ns: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     return parts / "train", parts / "val"
 
 
-def run_arm(name: str, seed: int, data: Path, val: Path, ns: argparse.Namespace, out: Path, base=None) -> dict:
-    """Train the arm (or, for tta, wait for `base`, the base arm's future) and score it on `val`."""
+def run_logged(cmd: list[str], log: Path) -> float:
+    """Run `cmd` with its output in `log`; returns its wall clock in seconds."""
+    print("$", shlex.join(cmd), file=sys.stderr, flush=True)
+    start = time.monotonic()
+    with log.open("w") as fh:
+        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT)
+    return time.monotonic() - start
+
+
+def train_arm(name: str, seed: int, data: Path, ns: argparse.Namespace, out: Path) -> tuple[Path, float]:
+    """Train arm `name` at `seed` (with an .onnx beside it), unless a run before did."""
+    model = out / "runs" / f"{name}-s{seed}.pt"
+    seconds_file = model.with_suffix(".seconds")
+    if model.with_suffix(".onnx").exists() and seconds_file.exists():
+        return model, float(seconds_file.read_text())
+    options = merged(BASE, ARMS[name][1] or "") + ["--epochs", str(ns.epochs), "--threads", str(ns.threads)]
+    cmd = [*FAKECIFAR, "train", str(data), "--target", "origin", *options, "--seed", str(seed), "-o", str(model)]
+    seconds = run_logged([*cmd, "--onnx", "--overwrite"], model.with_suffix(".log"))
+    seconds_file.write_text(f"{seconds}\n")
+    return model, seconds
+
+
+def ensemble_arm(seed: int, data: Path, ns: argparse.Namespace, out: Path) -> tuple[Path, float, int]:
+    """The mean of three ENSEMBLE_OF models (seeds s, s+1000, s+2000) as one .onnx; returns it,
+    the members' training seconds and their parameters, summed."""
+    from fakecifar.ensemble import ensemble_onnx
+
+    members = [train_arm(ENSEMBLE_OF, seed + k * MEMBER_SEED_STEP, data, ns, out) for k in range(3)]
+    onnx_files = [m.with_suffix(".onnx") for m, _ in members]
+    merged_model = ensemble_onnx(onnx_files, out / "runs" / f"ensemble3-s{seed}.onnx")
+    return merged_model, sum(s for _, s in members), sum(params_of(m) for m, _ in members)
+
+
+def distill_arm(
+    seed: int, data: Path, val: Path, ns: argparse.Namespace, out: Path, teacher: Path
+) -> tuple[Path, float]:
+    """An ENSEMBLE_OF student distilled from `teacher` (the ensemble) on the training subset."""
+    student = out / "runs" / f"ens-distill-s{seed}.pt"
+    options = merged(BASE, ARMS[ENSEMBLE_OF][1] or "") + ["--epochs", str(ns.epochs), "--threads", str(ns.threads)]
+    cmd = [*FAKECIFAR, "distill", "--teacher", str(teacher), "--transfer", str(data), "--val", str(val), *options]
+    cmd += ["--seed", str(seed), "-o", str(student), "--overwrite"]
+    return student, run_logged(cmd, student.with_suffix(".log"))
+
+
+def run_arm(name: str, seed: int, data: Path, val: Path, ns: argparse.Namespace, out: Path, waits=None) -> dict:
+    """Train the arm and score it on `val`. `waits`: the future of an arm this one needs first
+    (tta scores base's models, ensemble3 reuses highpass+whiten's, ens-distill learns from ensemble3)."""
     result = out / "runs" / f"{name}-s{seed}.json"
     if result.exists():
         return json.loads(result.read_text())
     result.parent.mkdir(parents=True, exist_ok=True)
-    change = ARMS[name][1]
-    model = out / "runs" / f"{name if change is not None else 'base'}-s{seed}.pt"
-    seconds = None
-    if change is not None:
-        options = merged(BASE, change) + ["--epochs", str(ns.epochs), "--threads", str(ns.threads)]
-        cmd = [*FAKECIFAR, "train", str(data), "--target", "origin", *options, "--seed", str(seed), "-o", str(model)]
-        print("$", shlex.join(cmd), file=sys.stderr, flush=True)
-        start = time.monotonic()
-        with (out / "runs" / f"{name}-s{seed}.log").open("w") as log:
-            subprocess.run([*cmd, "--overwrite"], check=True, stdout=log, stderr=subprocess.STDOUT)
-        seconds = time.monotonic() - start
+    seconds: float | None = None
+    if waits is not None:
+        waits.result()  # raises if that arm failed
+    params = None
+    if name == "tta":
+        model = out / "runs" / f"base-s{seed}.pt"
+    elif name == "ensemble3":
+        model, seconds, params = ensemble_arm(seed, data, ns, out)
+    elif name == "ens-distill":
+        model, seconds = distill_arm(seed, data, val, ns, out, out / "runs" / f"ensemble3-s{seed}.onnx")
     else:
-        base.result()  # the base arm's model; raises if it failed
+        model, seconds = train_arm(name, seed, data, ns, out)
     cmd = [*FAKECIFAR, "eval", str(model), "--on", str(val), "--json", "--threads", str(ns.threads)]
     lines = subprocess.run(cmd + (["--tta"] if name == "tta" else []), capture_output=True, text=True, check=True)
     metrics = json.loads(lines.stdout.splitlines()[0])
+    record = {"val_top1": metrics["top1"], "seconds": seconds, "params": params or params_of(model)}
+    result.write_text(json.dumps(record))
+    return record
+
+
+def params_of(model: Path) -> int:
     from fakecifar.checkpoint import load_checkpoint
     from fakecifar.models import count_params
 
-    record = {"val_top1": metrics["top1"], "seconds": seconds, "params": count_params(load_checkpoint(model)[0])}
-    result.write_text(json.dumps(record))
-    return record
+    return count_params(load_checkpoint(model)[0])
 
 
 def main() -> None:
@@ -141,13 +197,19 @@ def main() -> None:
     seeds = [int(s) for s in ns.seeds.split(",")]
     if "tta" in arms and "base" not in arms:
         sys.exit("the tta arm scores the base arm's models: add base to --arms")
-    order = sorted(arms, key=lambda a: (a != "base", a == "tta"))  # base first, tta (which waits) last
-    # Submitted in order, so a tta job waits only for a base job the pool has already started.
+    if "ens-distill" in arms and "ensemble3" not in arms:
+        sys.exit("the ens-distill arm learns from the ensemble3 arm's models: add ensemble3 to --arms")
+    waits_for = {"tta": "base", "ens-distill": "ensemble3"}
+    if ENSEMBLE_OF in arms:
+        waits_for["ensemble3"] = ENSEMBLE_OF  # its seed-s member is that arm's model: not trained twice at once
+    # the arms others wait for first, the waiting ones last
+    order = sorted(arms, key=lambda a: (a not in waits_for.values(), a in waits_for))
+    # Submitted in order, so a job waits only for one the pool has already started.
     with ThreadPoolExecutor(max_workers=ns.jobs) as pool:
         jobs: dict[tuple[str, int], Future] = {}
         for s in seeds:
             for a in order:
-                waits = jobs.get(("base", s)) if a == "tta" else None
+                waits = jobs.get((waits_for[a], s)) if a in waits_for else None
                 jobs[(a, s)] = pool.submit(run_arm, a, s, data, val, ns, out, waits)
     results = {key: job.result() for key, job in jobs.items()}
     base = [results[("base", s)]["val_top1"] for s in seeds] if "base" in arms else []

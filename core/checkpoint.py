@@ -36,6 +36,7 @@ from .outputs import write_atomically
 from .text import format_classes, format_size
 
 if TYPE_CHECKING:
+    import onnx
     import torch
     from torch import nn
 
@@ -49,6 +50,7 @@ __all__ = [
     "export_onnx",
     "is_onnx",
     "load_checkpoint",
+    "load_onnx",
     "read_onnx_meta",
     "save_checkpoint",
 ]
@@ -632,6 +634,11 @@ def _parse_onnx_meta(props: Mapping[str, str], path: Path) -> dict[str, Any]:
 
 def read_onnx_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The metadata of a fakecifar ONNX model (arch, arch_kwargs, classes, mean, std, input_size, train)."""
+    return load_onnx(path)[1]
+
+
+def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A fakecifar ONNX model's graph (onnx's protobuf, weights included) and its metadata."""
     import onnx
 
     path = Path(path)
@@ -645,7 +652,7 @@ def read_onnx_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BadCheckpointError(
             f"{path}: not a readable ONNX model ({type(exc).__name__})", "the file is truncated, corrupt or not ONNX"
         ) from exc
-    return _parse_onnx_meta({p.key: p.value for p in proto.metadata_props}, path)
+    return proto, _parse_onnx_meta({p.key: p.value for p in proto.metadata_props}, path)
 
 
 class OnnxClassifier:
