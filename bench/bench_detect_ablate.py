@@ -130,13 +130,14 @@ def ensemble_arm(seed: int, data: Path, ns: argparse.Namespace, out: Path) -> tu
     return merged_model, sum(s for _, s in members), sum(params_of(m) for m, _ in members)
 
 
-def distill_arm(
-    seed: int, data: Path, val: Path, ns: argparse.Namespace, out: Path, teacher: Path
-) -> tuple[Path, float]:
+def distill_arm(seed: int, data: Path, ns: argparse.Namespace, out: Path, teacher: Path) -> tuple[Path, float]:
     """An ENSEMBLE_OF student distilled from `teacher` (the ensemble) on the training subset."""
     student = out / "runs" / f"ens-distill-s{seed}.pt"
     options = merged(BASE, ARMS[ENSEMBLE_OF][1] or "") + ["--epochs", str(ns.epochs), "--threads", str(ns.threads)]
-    cmd = [*FAKECIFAR, "distill", "--teacher", str(teacher), "--transfer", str(data), "--val", str(val), *options]
+    # The teacher answers real/fake, the transfer shards are labelled by CIFAR class: --map-classes
+    # keeps the images and leaves them to the teacher's answers (no class of its matches). The
+    # student is scored on `val` by run_arm, as every arm is.
+    cmd = [*FAKECIFAR, "distill", "--teacher", str(teacher), "--transfer", str(data), "--map-classes", *options]
     cmd += ["--seed", str(seed), "-o", str(student), "--overwrite"]
     return student, run_logged(cmd, student.with_suffix(".log"))
 
@@ -157,7 +158,7 @@ def run_arm(name: str, seed: int, data: Path, val: Path, ns: argparse.Namespace,
     elif name == "ensemble3":
         model, seconds, params = ensemble_arm(seed, data, ns, out)
     elif name == "ens-distill":
-        model, seconds = distill_arm(seed, data, val, ns, out, out / "runs" / f"ensemble3-s{seed}.onnx")
+        model, seconds = distill_arm(seed, data, ns, out, out / "runs" / f"ensemble3-s{seed}.onnx")
     else:
         model, seconds = train_arm(name, seed, data, ns, out)
     cmd = [*FAKECIFAR, "eval", str(model), "--on", str(val), "--json", "--threads", str(ns.threads)]

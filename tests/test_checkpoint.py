@@ -311,6 +311,24 @@ def test_onnx_agrees_with_torch(exported: tuple[nn.Module, dict, Path]) -> None:
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
+def test_few_images_run_unoptimized_and_many_reopen_optimized_with_the_same_answers(
+    exported: tuple[nn.Module, dict, Path],
+) -> None:
+    # A one-image detect should not pay for graph optimization; a big batch should get it.
+    model, _, path = exported
+    clf = OnnxClassifier(path)
+    x = np.random.default_rng(2).random((40, 3, 32, 32), dtype=np.float32)
+    few = clf.predict_logits(x[:4])
+    light_session = clf.session
+    many = clf.predict_logits(x)
+    assert clf.session is not light_session  # reopened once, optimized ...
+    again = clf.predict_logits(x[:4])
+    assert clf.session is not light_session and np.array_equal(again, many[:4])  # ... and kept
+    with torch.no_grad():
+        want = model(normalized(torch.from_numpy(x), MEAN, STD)).numpy()
+    assert np.abs(few - want[:4]).max() < 1e-3 and np.abs(many - want).max() < 1e-3
+
+
 def test_onnx_meta_round_trip(exported: tuple[nn.Module, dict, Path]) -> None:
     _, _, path = exported
     meta = read_onnx_meta(path)
