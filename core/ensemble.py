@@ -10,8 +10,8 @@ of that mean, so softmax(logits) gives it back and every consumer of a fakecifar
 (`detect`, `eval`, `confusion`) reads it unchanged.
 
 `fp16_weights` stores large float32 initializers as float16 with a Cast back to float32 beside
-them: half the bytes, while onnxruntime still computes in float32 (it folds the casts when it
-loads the model).
+them: half the bytes, while onnxruntime still computes in float32 (an optimized session folds
+the casts at open; an unoptimized one, for a few images, runs them).
 """
 
 from __future__ import annotations
